@@ -1,0 +1,41 @@
+// Every cnnkern op's schema, in one place. Kernels register per backend in
+// csrc/cpu/<family>.cpp and csrc/cuda/bindings.cpp; fake (meta) impls and
+// autograd live in cnnkern/ops/<family>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: importing cnnkern._C runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(cnnkern, m) {
+  // ---- batch norm family: y = act(batch_norm(x) + residual) -------------------
+  // Tensors are read as (N, C, L) with one stride per dim (spatial dims must
+  // collapse into one stride). Statistics (save_mean, save_invstd) are float32,
+  // float64 for float64 input. Parameters and running stats share one dtype:
+  // the input's, or float32 for float16/bfloat16 input.
+  //
+  // Training forward: batch statistics; running stats (if given) updated in place
+  // with `momentum` and the unbiased variance, as F.batch_norm does.
+  m.def(
+      "bn_forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, bool relu) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  // Eval forward: one pass with the running statistics.
+  m.def(
+      "bn_forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor running_mean, Tensor running_var, float eps, bool relu) -> Tensor");
+  // Backward of either forward. `mean`/`invstd` are the statistics the forward
+  // normalized with (batch ones when training, running ones in eval), in the
+  // statistics dtype. With relu, the mask is recomputed from `output` (> 0).
+  // output_mask: [grad_input, grad_weight, grad_bias, grad_residual]; with relu
+  // false grad_residual is grad_output itself, so it is never asked for then.
+  m.def(
+      "bn_backward(Tensor grad_output, Tensor input, Tensor output, Tensor? weight, "
+      "Tensor mean, Tensor invstd, bool training, bool relu, bool[4] output_mask) "
+      "-> (Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias, Tensor? grad_residual)");
+}

@@ -1,0 +1,66 @@
+"""Builds cnnkern._C: the op schemas and C++ CPU kernels always, the CUDA kernels
+when this torch has CUDA and nvcc is found (or FORCE_CUDA=1).
+
+Build with `pip install --no-build-isolation [-e] .` against the torch already
+installed. Knobs: FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
+MAX_JOBS.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _cuda_decision():
+    """(build CUDA?, why) -- printed so a user sees what was built."""
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build (set FORCE_CUDA=1 to build anyway)"
+    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    ):
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is at {cpp_extension.CUDA_HOME}"
+
+
+def _extension():
+    with_cuda, why = _cuda_decision()
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    extra = {"cxx": cxx}
+    kind = cpp_extension.CppExtension
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        cxx.append("-DCNNKERN_WITH_CUDA")
+        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        kind = cpp_extension.CUDAExtension
+        print(f"cnnkern: building CPU + CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+    else:
+        print(f"cnnkern: building CPU kernels only: {why}")
+    return kind(
+        "cnnkern._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
