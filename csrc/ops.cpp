@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 extern "C" {
 // An empty module: importing cnnkern._C runs the static registrations below.
 PyObject* PyInit__C(void) {
@@ -13,29 +15,35 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(cnnkern, m) {
-  // ---- batch norm family: y = act(batch_norm(x) + residual) -------------------
-  // Tensors are read as (N, C, L) with one stride per dim (spatial dims must
-  // collapse into one stride). Statistics (save_mean, save_invstd) are float32,
-  // float64 for float64 input. Parameters and running stats share one dtype:
-  // the input's, or float32 for float16/bfloat16 input.
-  //
-  // Training forward: batch statistics; running stats (if given) updated in place
-  // with `momentum` and the unbiased variance, as F.batch_norm does.
-  m.def(
-      "bn_forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
-      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, bool relu) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
-  // Eval forward: one pass with the running statistics.
-  m.def(
-      "bn_forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
-      "Tensor running_mean, Tensor running_var, float eps, bool relu) -> Tensor");
-  // Backward of either forward. `mean`/`invstd` are the statistics the forward
-  // normalized with (batch ones when training, running ones in eval), in the
-  // statistics dtype. With relu, the mask is recomputed from `output` (> 0).
-  // output_mask: [grad_input, grad_weight, grad_bias, grad_residual]; with relu
-  // false grad_residual is grad_output itself, so it is never asked for then.
-  m.def(
-      "bn_backward(Tensor grad_output, Tensor input, Tensor output, Tensor? weight, "
-      "Tensor mean, Tensor invstd, bool training, bool relu, bool[4] output_mask) "
-      "-> (Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias, Tensor? grad_residual)");
+  // Each op is defined twice: cnnkern::<op> runs the C++ kernels (csrc/cpu,
+  // csrc/cuda) and cnnkern::triton_<op> the Triton ones (registered from
+  // cnnkern/ops/). The dispatcher picks a kernel by device alone, and both
+  // backends run CUDA tensors, so they cannot share one op.
+  for (const std::string prefix : {"", "triton_"}) {
+    const auto def = [&](const std::string& schema) { m.def((prefix + schema).c_str()); };
+
+    // ---- batch norm family: y = act(batch_norm(x) + residual) ---------------
+    // Tensors are read as (N, C, L) with one stride per dim (spatial dims must
+    // collapse into one stride). Statistics (save_mean, save_invstd) are float32,
+    // float64 for float64 input. Parameters and running stats share one dtype:
+    // the input's, or float32 for float16/bfloat16 input.
+    //
+    // Training forward: batch statistics; running stats (if given) updated in
+    // place with `momentum` and the unbiased variance, as F.batch_norm does.
+    def("bn_forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, bool relu) "
+        "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+    // Eval forward: one pass with the running statistics.
+    def("bn_forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "Tensor running_mean, Tensor running_var, float eps, bool relu) -> Tensor");
+    // Backward of either forward. `mean`/`invstd` are the statistics the forward
+    // normalized with (batch ones when training, running ones in eval), in the
+    // statistics dtype. With relu, the mask is recomputed from `output` (> 0);
+    // without, `output` is not needed (pass None: it may since have been overwritten).
+    // output_mask: [grad_input, grad_weight, grad_bias, grad_residual]; with relu
+    // false grad_residual is grad_output itself, so it is never asked for then.
+    def("bn_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, "
+        "Tensor mean, Tensor invstd, bool training, bool relu, bool[4] output_mask) "
+        "-> (Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias, Tensor? grad_residual)");
+  }
 }

@@ -1,0 +1,1 @@
+"""cnnkern's benchmark suite: `python -m bench --help`."""

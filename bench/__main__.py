@@ -1,0 +1,154 @@
+"""python -m bench [--quick] [filters]: times cnnkern's kernels against PyTorch
+eager and torch.compile, prints a table, writes JSON (and a PNG) to bench/results/."""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from . import batch_norm
+from .timing import copy_bandwidth_gbps, device_name, time_fn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+FAMILIES = {"batch_norm": batch_norm}
+
+
+def _csv(s):
+    return [v for v in s.split(",") if v]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing runs")
+    p.add_argument("--family", type=_csv, default=list(FAMILIES), help=f"comma list of {list(FAMILIES)}")
+    p.add_argument("--provider", type=_csv, default=None, help=f"comma list of {batch_norm.PROVIDERS}")
+    p.add_argument("--dtype", type=_csv, default=None, help="comma list of fp32,bf16,fp16,fp64 "
+                   "(default: bf16,fp32 on a GPU, fp32 on the CPU)")
+    p.add_argument("--layout", type=_csv, default=["nchw", "channels_last"], help="comma list of nchw,channels_last")
+    p.add_argument("--mode", type=_csv, default=None, help=f"comma list of {list(batch_norm.MODES)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder for JSON/PNG")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _versions():
+    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    return v
+
+
+def _progress(i, n, label):
+    width = 30
+    done = width * i // n
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:60]:<60}")
+    sys.stderr.flush()
+
+
+def _table(results, copy_gbps):
+    head = f"{'case':<44} {'provider':<15} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>7} {'%copy':>6} " \
+           f"{'x eager':>8} {'x compile':>9} {'mem MB':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r['case']:<44} {r['provider']:<15} {r['median_ms']:>10.4f} "
+            f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gbps']:>7.1f} {100 * r['gbps'] / copy_gbps:>5.0f}% "
+            f"{r.get('speedup_vs_eager', float('nan')):>8.2f} {r.get('speedup_vs_compile', float('nan')):>9.2f} "
+            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else float('nan'):>7.1f}")
+    return "\n".join(lines)
+
+
+def _plot(results, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in results) if p != "eager"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases) * max(1, len(providers))), 5))
+    width = 0.8 / max(1, len(providers))
+    for j, p in enumerate(providers):
+        vals = {r["case"]: r.get("speedup_vs_eager", 0) for r in results if r["provider"] == p}
+        ax.bar([i + j * width for i in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=p)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup vs PyTorch eager (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp32"] if device.type == "cuda" else ["fp32"]))]
+    name = device_name(device)
+    print(f"cnnkern benchmark on {name}; torch {torch.__version__}")
+    copy_gbps = copy_bandwidth_gbps(device, args.quick)
+    print(f"copy bandwidth (read + write) measured now: {copy_gbps:.1f} GB/s")
+
+    results = []
+    for family in args.family:
+        mod = FAMILIES[family]
+        providers = [p for p in (args.provider or mod.PROVIDERS)]
+        todo = []
+        for case in mod.cases(device, args.quick, dtypes, args.layout, args.mode or list(mod.MODES)):
+            for p in providers:
+                reason = mod.provider_refuses(p, device, case.dtype)
+                if reason is None:
+                    todo.append((case, p))
+        skipped = {p: mod.provider_refuses(p, device, dtypes[0]) for p in providers}
+        for p, why in skipped.items():
+            if why:
+                print(f"skipping {p}: {why}")
+        family_results = []
+        for i, (case, p) in enumerate(todo):
+            _progress(i, len(todo), f"{case.label} {p}")
+            t = time_fn(mod.make_fn(p, case, device), device, args.quick)
+            gbps = case.bytes / (t.median_ms * 1e-3) / 1e9
+            family_results.append(dict(family=family, case=case.label, mode=case.mode, shape=list(case.shape),
+                                       dtype=str(case.dtype)[6:], layout=case.layout, provider=p,
+                                       median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                                       bytes=case.bytes, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps,
+                                       peak_mem_mb=t.peak_mem_mb))
+        _progress(len(todo), len(todo), "done")
+        sys.stderr.write("\n")
+        results += mod.summarize(family_results)
+
+    print(_table(results, copy_gbps))
+    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    tag = "".join(c if c.isalnum() else "-" for c in (name if device.type == "cuda" else "cpu")).strip("-").lower()
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"{tag}-{'quick-' if args.quick else ''}{stamp}")
+    report = dict(device=name, device_type=device.type, date=stamp, commit=_commit(), versions=_versions(),
+                  quick=args.quick, copy_gbps=copy_gbps, command=" ".join(["python -m bench"] + (argv or sys.argv[1:])),
+                  results=results)
+    with open(base + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {base}.json")
+    if not args.no_plot and results:
+        _plot(results, base + ".png", f"{name}, torch {torch.__version__}")
+        print(f"wrote {base}.png")
+
+
+if __name__ == "__main__":
+    main()

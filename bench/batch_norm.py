@@ -1,0 +1,123 @@
+"""Batch-norm benchmarks: providers x modes x shapes.
+
+Bandwidth model (bytes that must move, n = numel, e = element size): a training
+forward reads x (and residual) and writes y; the backward reads grad_output, x and
+(for the ReLU mask) y and writes grad_input (and grad_residual). Statistics and
+parameters are O(C) and left out. Two-pass kernels read x twice, so they can
+reach at most 2/3 of the copy bandwidth on the forward by this count.
+"""
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import cnnkern
+
+GPU_SHAPES = [(128, 64, 112, 112), (128, 256, 56, 56), (128, 512, 28, 28), (128, 1024, 14, 14), (128, 2048, 7, 7)]
+CPU_SHAPES = [(32, 64, 56, 56), (16, 256, 28, 28), (16, 1024, 7, 7)]
+CPU_QUICK_SHAPES = [(32, 64, 56, 56)]
+
+# mode -> (training, residual, run backward, run forward, tensors moved in units of n*e)
+MODES = {
+    "fwd_relu": dict(training=True, residual=False, fwd=True, bwd=False, units=2),
+    "fwd_add_relu": dict(training=True, residual=True, fwd=True, bwd=False, units=3),
+    "bwd_add_relu": dict(training=True, residual=True, fwd=False, bwd=True, units=5),
+    "fwd_bwd_relu": dict(training=True, residual=False, fwd=True, bwd=True, units=6),
+    "eval_relu": dict(training=False, residual=False, fwd=True, bwd=False, units=2),
+}
+PROVIDERS = ("cnnkern-triton", "cnnkern-cuda", "cnnkern-cpu", "eager", "compile")
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    shape: tuple
+    dtype: torch.dtype
+    layout: str
+
+    @property
+    def bytes(self) -> int:
+        return MODES[self.mode]["units"] * torch.Size(self.shape).numel() * self.dtype.itemsize
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} {'x'.join(map(str, self.shape))} {str(self.dtype)[6:]} {self.layout}"
+
+
+def cases(device: torch.device, quick: bool, dtypes, layouts, modes) -> List[Case]:
+    if device.type == "cuda":
+        shapes = GPU_SHAPES
+    else:
+        shapes = CPU_QUICK_SHAPES if quick else CPU_SHAPES
+    return [Case(m, s, d, l) for m, s, d, l in itertools.product(modes, shapes, dtypes, layouts)]
+
+
+def provider_refuses(provider: str, device: torch.device, dtype: torch.dtype):
+    """Why `provider` is not benchmarked on (device, dtype), or None."""
+    if not provider.startswith("cnnkern-"):
+        return None
+    backend = provider.split("-", 1)[1]
+    if backend == "triton" and device.type == "cpu":
+        return "the triton interpreter is a test tool, not a benchmark"
+    return cnnkern.backends.refuses(backend, device, dtype, "bn_forward_train")
+
+
+def _eager(x, running_mean, running_var, weight, bias, training, residual):
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+    return F.relu(y + residual if residual is not None else y)
+
+
+def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], object]:
+    """A no-argument callable running `case` once with `provider`."""
+    mode = MODES[case.mode]
+    N, C = case.shape[:2]
+    fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+    grad = mode["bwd"]
+    pdtype = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype
+
+    x = torch.randn(case.shape, device=device, dtype=case.dtype).contiguous(memory_format=fmt).requires_grad_(grad)
+    r = torch.randn_like(x).requires_grad_(grad) if mode["residual"] else None
+    w = (torch.rand(C, device=device, dtype=pdtype) + 0.5).requires_grad_(grad)
+    b = torch.randn(C, device=device, dtype=pdtype).requires_grad_(grad)
+    rm, rv = torch.zeros(C, device=device, dtype=pdtype), torch.ones(C, device=device, dtype=pdtype)
+    g = torch.randn_like(x)
+    training = mode["training"]
+
+    if provider.startswith("cnnkern-"):
+        backend = provider.split("-", 1)[1]
+
+        def f():
+            return cnnkern.functional.batch_norm(x, rm, rv, w, b, training, residual=r, activation="relu",
+                                                 backend=backend)
+    elif provider == "eager":
+        def f():
+            return _eager(x, rm, rv, w, b, training, r)
+    else:
+        torch._dynamo.reset()  # a fresh cache per case: never the recompile limit's eager fallback
+        compiled = torch.compile(_eager, fullgraph=True)
+
+        def f():
+            return compiled(x, rm, rv, w, b, training, r)
+
+    inputs = [t for t in (x, w, b, r) if t is not None]
+    if mode["fwd"] and not mode["bwd"]:
+        return f
+    if mode["fwd"]:
+        return lambda: torch.autograd.grad(f(), inputs, g)
+    y = f()
+    return lambda: torch.autograd.grad(y, inputs, g, retain_graph=True)
+
+
+def summarize(results: List[Dict]) -> List[Dict]:
+    """Adds speedups against eager and torch.compile of the same case."""
+    by_case = {}
+    for r in results:
+        by_case.setdefault(r["case"], {})[r["provider"]] = r
+    for r in results:
+        peers = by_case[r["case"]]
+        for other in ("eager", "compile"):
+            if other in peers:
+                r[f"speedup_vs_{other}"] = peers[other]["median_ms"] / r["median_ms"]
+    return results

@@ -1,0 +1,70 @@
+"""Timers and the ceilings every result is compared with.
+
+GPU: triton.testing.do_bench, whose runs each start after zeroing a buffer
+larger than L2, so inputs are read from device memory, not from cache.
+CPU: torch.utils.benchmark. Both give the median and the 20th/80th percentiles.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mb: Optional[float] = None  # extra memory one call allocates (GPU only)
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timing:
+    if device.type == "cuda":
+        import triton.testing
+
+        fn()  # warm-up: compiles, autotunes, fills the caching allocator
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                                quantiles=[0.5, 0.2, 0.8])
+        return Timing(med, p20, p80, peak)
+    from torch.utils import benchmark
+
+    fn()
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = m.blocked_autorange(min_run_time=0.3 if quick else 1.0)
+    times = [t * 1e3 for t in measurement.times]
+    return Timing(measurement.median * 1e3, _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
+    """Device-memory bandwidth a plain copy reaches (bytes read + written per second):
+    the ceiling memory-bound kernels are measured against."""
+    n = (1 << 28 if device.type == "cuda" else 1 << 25)  # 1 GiB / 128 MiB of float32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, quick)
+    return 2 * src.numel() * src.element_size() / (t.median_ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"

@@ -1,0 +1,39 @@
+"""The (N, C, L) strided view every kernel reads tensors through (as csrc/bn_checks.h)."""
+from typing import NamedTuple, Optional
+
+from torch import Tensor
+
+
+class Strided3d(NamedTuple):
+    N: int
+    C: int
+    L: int  # all spatial dims collapsed into one
+    sN: int  # element strides
+    sC: int
+    sL: int
+
+
+def try_view3d(t: Tensor) -> Optional[Strided3d]:
+    """`t` (dim >= 2) as (N, C, L) with one stride per dim, or None when its spatial
+    dims cannot be addressed with one stride (e.g. x[:, :, ::2, :])."""
+    L, sL = 1, 1
+    inner_seen = False
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size == 1:
+            continue
+        if not inner_seen:
+            sL, inner_seen = stride, True
+        elif stride != L * sL:
+            return None
+        L *= size
+    return Strided3d(t.shape[0], t.shape[1], L, t.stride(0), t.stride(1), sL)
+
+
+def view3d(t: Tensor, name: str = "tensor") -> Strided3d:
+    v = try_view3d(t)
+    if v is None:
+        raise ValueError(
+            f"{name}: spatial dims must collapse into one strided dim (sizes {tuple(t.shape)}, "
+            f"strides {t.stride()}); pass a contiguous or channels_last tensor"
+        )
+    return v

@@ -1,0 +1,1 @@
+"""torch.library glue, one module per op family."""

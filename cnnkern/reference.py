@@ -1,0 +1,57 @@
+"""Pure-PyTorch oracles: the "reference" backend and the tests' ground truth.
+
+Written from the definitions (no F.batch_norm), differentiable by autograd, in
+the accumulation dtype (float32 for half inputs, float64 for float64): the tests
+call them on float64 copies of their inputs.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and arithmetic use for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_norm_ref(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """act(batch_norm(input) + residual); updates the running stats in place when training."""
+    acc = stat_dtype(input.dtype)
+    x = input.to(acc)
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    dims = [0] + list(range(2, input.dim()))
+    if training:
+        mean = x.mean(dims)
+        var = x.var(dims, correction=0)
+        count = input.numel() // max(input.shape[1], 1)
+        if count > 0:
+            with torch.no_grad():
+                if running_mean is not None:
+                    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+                if running_var is not None:
+                    unbiased = var.detach() * (count / (count - 1))
+                    running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.to(acc).view(shape)
+    if bias is not None:
+        y = y + bias.to(acc).view(shape)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.to(input.dtype)

@@ -1,0 +1,71 @@
+"""Shared test helpers: which (backend, device) pairs to run, tolerances, inputs."""
+import pytest
+import torch
+
+from cnnkern import backends
+
+# (backend, device): every backend on each device it serves. CUDA ones carry the
+# `cuda` marker; a pair that cannot run here skips with the backend's own reason
+# (test_backends.py asserts that the ones this machine must run do run).
+_PAIRS = [("cpu", "cpu"), ("triton", "cpu"), ("reference", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+def backend_params(names=("cpu", "triton", "cuda", "reference")):
+    return [
+        pytest.param(name, device, marks=[pytest.mark.cuda] if device == "cuda" else [], id=f"{name}-{device}")
+        for name, device in _PAIRS
+        if name in names
+    ]
+
+
+def require(backend: str, device: str, dtype: torch.dtype, op: str = "bn_forward_train") -> None:
+    reason = backends.refuses(backend, torch.device(device), dtype, op)
+    if reason:
+        pytest.skip(f"{backend} cannot run on {device}/{dtype} here: {reason}")
+
+
+# Against the float64 oracle, a result in `dtype` may err by at most
+#   2 * (PyTorch's own error in that dtype) + ATOL[dtype]
+# (max abs error, over tensors normalized to unit scale). The factor 2 leaves room
+# for a different summation order; ATOL covers cases where PyTorch is exact.
+ATOL = {
+    torch.float64: 1e-9,  # reductions in another order: rounding only
+    torch.float32: 2e-5,  # fp32 statistics over up to ~1e4 values per channel
+    torch.bfloat16: 1e-2,  # one bf16 rounding of the output is ~4e-3 relative
+    torch.float16: 2e-3,  # one fp16 rounding of the output is ~5e-4 relative
+}
+
+
+def max_err(t: torch.Tensor, oracle: torch.Tensor) -> float:
+    """Max abs error of `t` against `oracle`, relative to the oracle's scale."""
+    scale = max(oracle.abs().max().item(), 1.0) if oracle.numel() else 1.0
+    return (t.double() - oracle).abs().max().item() / scale if oracle.numel() else 0.0
+
+
+def assert_close_to_oracle(ours: torch.Tensor, theirs: torch.Tensor, oracle: torch.Tensor, dtype, what: str) -> None:
+    """`ours` is no further from the float64 oracle than PyTorch's `theirs` allows."""
+    assert ours.shape == oracle.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(oracle.shape)}"
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    e_ours, e_torch = max_err(ours, oracle), max_err(theirs, oracle)
+    bound = 2 * e_torch + ATOL[dtype]
+    assert e_ours <= bound, f"{what}: error {e_ours:.3g} > bound {bound:.3g} (PyTorch's error {e_torch:.3g})"
+
+
+LAYOUTS = ("nchw", "channels_last", "slice", "slice_cl")
+
+
+def make_input(shape, dtype, device, layout="nchw", mean=0.0):
+    """Random input, each channel with its own mean around `mean`, in `layout`:
+    "nchw", "channels_last", or a channel slice of a larger tensor in either
+    ("slice", "slice_cl": non-contiguous, as DenseNet/Inception buffers are)."""
+    N, C, *spatial = shape
+    channel_mean = mean + torch.randn(C, dtype=torch.float64).view(1, C, *[1] * len(spatial))
+    x = (torch.randn(shape, dtype=torch.float64) + channel_mean).to(device=device, dtype=dtype)
+    channels_last = layout in ("channels_last", "slice_cl") and x.dim() == 4
+    if layout in ("slice", "slice_cl"):
+        big = torch.randn((N, C + 3, *spatial), device=device, dtype=dtype)
+        if channels_last:
+            big = big.contiguous(memory_format=torch.channels_last)
+        big[:, 1 : C + 1] = x
+        return big[:, 1 : C + 1]
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,35 @@
+"""The backends this machine must run do run (so no test skips by accident), and
+automatic selection never lands on a slow one."""
+import torch
+
+import cnnkern
+from cnnkern import backends
+
+
+def test_cpu_backend_is_built():
+    info = cnnkern.backends()
+    assert info["cpu"].available, info["cpu"].reason
+    assert info["reference"].available
+
+
+def test_triton_runs_here():
+    """Triton is a test dependency: on a GPU machine it runs CUDA tensors, on a CPU
+    one it runs under the interpreter that conftest.py switches on."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert backends.refuses("triton", torch.device(device), torch.float32, "bn_forward_train") is None
+
+
+def test_cuda_backend_is_built_where_a_gpu_is():
+    if torch.cuda.is_available():
+        assert cnnkern.backends()["cuda"].available, cnnkern.backends()["cuda"].reason
+
+
+def test_automatic_choice():
+    assert backends.select(None, torch.device("cpu"), torch.float32, "bn_forward_train") == "cpu"
+    if torch.cuda.is_available():
+        assert backends.select(None, torch.device("cuda"), torch.bfloat16, "bn_forward_train") in ("cuda", "triton")
+
+
+def test_backends_report_reads_well():
+    text = "\n".join(str(i) for i in cnnkern.backends().values())
+    assert all(name in text for name in backends.NAMES)

@@ -1,0 +1,166 @@
+"""The batch-norm family against PyTorch and the float64 oracle, on every backend
+that runs here: outputs, all gradients, running stats."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnkern
+from cnnkern import reference
+from helpers import LAYOUTS, assert_close_to_oracle, backend_params, make_input, require
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# C in {1, 3, 7, 65}, H = W in {1, 7, 13}, N in {1, 2, 5}: each value several times,
+# never one value per channel (training refuses it).
+SHAPES = [(2, 1, 7, 7), (5, 3, 13, 13), (1, 7, 13, 13), (2, 65, 1, 1), (5, 65, 7, 7), (1, 3, 7, 7), (5, 7, 1, 1)]
+
+
+def param_dtype(dtype):
+    """Half inputs get float32 parameters, as under autocast; others their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def run_and_compare(backend, device, x, *, affine=True, residual=False, activation=None, training=True,
+                    running_stats=True, momentum=0.1, eps=1e-5, pdtype=None):
+    """One call of cnnkern.functional.batch_norm vs F.batch_norm (+ add, + relu) in the
+    same dtype vs the float64 oracle: output, gradients and running stats."""
+    dtype, C = x.dtype, x.shape[1]
+    pdtype = pdtype or param_dtype(dtype)
+    w = (torch.rand(C, dtype=pdtype, device=device) + 0.5) if affine else None
+    b = torch.randn(C, dtype=pdtype, device=device) if affine else None
+    r = torch.randn(x.shape, dtype=dtype, device=device) if residual else None
+    rm = torch.randn(C, dtype=pdtype, device=device) if running_stats else None
+    rv = (torch.rand(C, dtype=pdtype, device=device) + 0.5) if running_stats else None
+    grad_out = torch.randn(x.shape, dtype=dtype, device=device)
+
+    def leaves(to=None):
+        ts = [t if t is None else (t.detach().to(to) if to else t.detach().clone()) for t in (x, w, b, r)]
+        if to is None:
+            ts[0] = x.detach()  # keep the layout under test (clone would densify a slice)
+        return [t if t is None else t.requires_grad_() for t in ts]
+
+    def stats(to=None):
+        return [t if t is None else (t.to(to) if to else t.clone()) for t in (rm, rv)]
+
+    results = {}
+    for name in ("ours", "torch", "oracle"):
+        xs, ws, bs, rs = leaves(torch.float64 if name == "oracle" else None)
+        rms, rvs = stats(torch.float64 if name == "oracle" else None)
+        if name == "ours":
+            y = cnnkern.functional.batch_norm(xs, rms, rvs, ws, bs, training, momentum, eps, residual=rs,
+                                              activation=activation, backend=backend)
+        elif name == "torch":
+            y = F.batch_norm(xs, rms, rvs, ws, bs, training, momentum, eps)
+            y = y + rs if rs is not None else y
+            y = F.relu(y) if activation == "relu" else y
+        else:
+            y = reference.batch_norm_ref(xs, rms, rvs, ws, bs, training, momentum, eps, rs, activation)
+        inputs = [t for t in (xs, ws, bs, rs) if t is not None]
+        go = grad_out.double() if name == "oracle" else grad_out
+        grads = torch.autograd.grad(y, inputs, go) if y.numel() else [torch.zeros_like(t) for t in inputs]
+        results[name] = [y.detach()] + list(grads) + [t for t in (rms, rvs) if t is not None]
+
+    what = ["output"] + [n for n, t in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), (x, w, b, r))
+                         if t is not None] + (["running_mean", "running_var"] if running_stats else [])
+    for i, name in enumerate(what):
+        ours, theirs, oracle = (results[k][i] for k in ("ours", "torch", "oracle"))
+        assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} != {theirs.dtype}"
+        assert_close_to_oracle(ours, theirs, oracle, dtype, f"{backend}/{name}")
+    return results
+
+
+# Every (shape, layout, dtype), training and eval; the fused variants rotate.
+VARIANTS = [dict(residual=True, activation="relu"), dict(activation="relu"), dict(residual=True), dict()]
+MATRIX = [
+    pytest.param(shape, layout, dtype, VARIANTS[i % len(VARIANTS)], id=f"{'x'.join(map(str, shape))}-{layout}-"
+                 f"{str(dtype)[6:]}-v{i % len(VARIANTS)}")
+    for i, (shape, layout, dtype) in enumerate(itertools.product(SHAPES, LAYOUTS, DTYPES))
+]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("shape,layout,dtype,variant", MATRIX)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_pytorch(backend, device, shape, layout, dtype, variant, training):
+    require(backend, device, dtype)
+    x = make_input(shape, dtype, device, layout)
+    run_and_compare(backend, device, x, training=training, **variant)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("running_stats", [True, False], ids=["stats", "nostats"])
+@pytest.mark.parametrize("residual,activation", [(False, None), (True, None), (False, "relu"), (True, "relu")],
+                         ids=["bn", "bn+add", "bn+relu", "bn+add+relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_options(backend, device, affine, running_stats, residual, activation, dtype):
+    require(backend, device, dtype)
+    x = make_input((3, 5, 6, 7), dtype, device, "channels_last")
+    run_and_compare(backend, device, x, affine=affine, running_stats=running_stats, residual=residual,
+                    activation=activation, training=True)
+    if running_stats:
+        run_and_compare(backend, device, x, affine=affine, residual=residual, activation=activation, training=False)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_mean(backend, device, layout):
+    """Mean 1e4, std 1 in float32: the variance (so the output and running_var) is
+    right, which naive sum-of-squares statistics get badly wrong."""
+    require(backend, device, torch.float32)
+    x = make_input((4, 6, 9, 9), torch.float32, device, layout, mean=1e4)
+    res = run_and_compare(backend, device, x, residual=True, activation="relu")
+    running_var = res["ours"][-1]
+    assert torch.allclose(running_var.double(), res["oracle"][-1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_param_dtype_matches_input(backend, device, dtype):
+    """Parameters and running stats in the input's dtype (a model under .half())."""
+    require(backend, device, dtype)
+    x = make_input((2, 5, 7, 7), dtype, device, "nchw")
+    run_and_compare(backend, device, x, residual=True, activation="relu", pdtype=dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("shape", [(2, 3), (4, 5, 9)], ids=["NC", "NCL"])
+def test_1d_inputs(backend, device, shape):
+    require(backend, device, torch.float32)
+    x = make_input(shape, torch.float32, device, "nchw")
+    run_and_compare(backend, device, x, residual=True, activation="relu")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_broadcast_and_odd_strides(backend, device):
+    """grad_output with stride 0 (from y.sum()), and an input whose spatial dims
+    do not collapse into one stride (functional copies that one, visibly)."""
+    require(backend, device, torch.float64)
+    x = make_input((3, 4, 10, 6), torch.float64, device)[:, :, ::2]
+    w = torch.rand(4, dtype=torch.float64, device=device, requires_grad=True)
+    xr = x.detach().requires_grad_()  # (a clone would densify the layout under test)
+    y = cnnkern.functional.batch_norm(xr, None, None, w, None, True, activation="relu", backend=backend)
+    y.sum().backward()
+    xo = x.detach().requires_grad_()
+    wo = w.detach().clone().requires_grad_()
+    reference.batch_norm_ref(xo, None, None, wo, None, True, activation="relu").sum().backward()
+    torch.testing.assert_close(xr.grad, xo.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w.grad, wo.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(backend, device, training):
+    """N = 0 behaves as PyTorch: empty output, running stats untouched, zero grads."""
+    require(backend, device, torch.float32)
+    x = torch.randn(0, 3, 5, 5, device=device, requires_grad=True)
+    w = torch.rand(3, device=device, requires_grad=True)
+    rm, rv = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = cnnkern.functional.batch_norm(x, rm, rv, w, None, training, activation="relu", backend=backend)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)

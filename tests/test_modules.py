@@ -1,0 +1,97 @@
+"""cnnkern.nn.BatchNorm1d/2d as drop-ins for torch.nn's: state_dict, several
+training steps with momentum 0.1 and None, eval, torch.compile."""
+import pytest
+import torch
+
+import cnnkern
+from helpers import backend_params, make_input, require
+
+
+def _pair(cls_ours, cls_torch, C, backend, device, **kw):
+    ours = cls_ours(C, backend=backend, device=device, **kw)
+    theirs = cls_torch(C, device=device, **{k: v for k, v in kw.items() if k != "activation"})
+    with torch.no_grad():  # non-trivial affine parameters
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_steps_follow_torch(backend, device, momentum, layout):
+    """Three SGD steps of BN(+add+relu) then eval: outputs, gradients, running
+    stats and num_batches_tracked follow torch.nn.BatchNorm2d + add + relu."""
+    require(backend, device, torch.float64)
+    ours, theirs = _pair(cnnkern.nn.BatchNorm2d, torch.nn.BatchNorm2d, 6, backend, device, momentum=momentum,
+                         activation="relu", dtype=torch.float64)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    for step in range(4):
+        training = step < 3
+        ours.train(training), theirs.train(training)
+        x = make_input((3, 6, 5, 5), torch.float64, device, layout)
+        r = torch.randn_like(x)
+        y_ours = ours(x, r)
+        y_theirs = torch.relu(theirs(x) + r)
+        torch.testing.assert_close(y_ours, y_theirs, rtol=1e-9, atol=1e-9)
+        if training:
+            for opt, y in ((opt_ours, y_ours), (opt_theirs, y_theirs)):
+                opt.zero_grad()
+                (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=device).view_as(y)).sum().backward()
+                opt.step()
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-9, atol=1e-9)
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-9, atol=1e-9, msg=key)
+    assert ours.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("track_running_stats", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_1d_module_options(backend, device, track_running_stats, affine):
+    require(backend, device, torch.float64)
+    kw = dict(affine=affine, track_running_stats=track_running_stats, device=device, dtype=torch.float64)
+    ours, theirs = cnnkern.nn.BatchNorm1d(7, backend=backend, **kw), torch.nn.BatchNorm1d(7, **kw)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        for shape in ((4, 7), (4, 7, 9)):
+            x = torch.randn(shape, device=device, dtype=torch.float64)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-9)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-9, atol=1e-9, msg=key)
+
+
+def test_module_is_a_torch_batchnorm():
+    m = cnnkern.nn.BatchNorm2d(4, activation="relu")
+    assert isinstance(m, torch.nn.BatchNorm2d)
+    assert "activation='relu'" in repr(m)
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) over conv + fused BN + add + ReLU: no graph
+    break, same outputs and gradients as eager."""
+    require("cpu", "cpu", torch.float32)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = cnnkern.nn.BatchNorm2d(4, activation="relu")
+
+        def forward(self, x):
+            return self.bn(self.conv(x), residual=x)
+
+    torch.manual_seed(0)
+    eager = Block()
+    compiled_model = Block()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(2, 4, 6, 6)
+    for model in (eager, compiled):
+        model(x).square().sum().backward()
+    torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(compiled_model.conv.weight.grad, eager.conv.weight.grad)
+    torch.testing.assert_close(compiled_model.bn.running_var, eager.bn.running_var)

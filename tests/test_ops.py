@@ -1,0 +1,40 @@
+"""torch.library.opcheck on every registered op (schema, fake impl, autograd
+registration, AOT dispatch), for the C++ ops and their triton_ twins."""
+import pytest
+import torch
+
+from helpers import make_input, require
+
+OPS = {"cpu": "", "triton": "triton_", "cuda": ""}
+DEVICE = {"cpu": "cpu", "triton": "cpu" if not torch.cuda.is_available() else "cuda", "cuda": "cuda"}
+
+
+def _args(device, dtype, relu):
+    x = make_input((2, 5, 4, 3), dtype, device, "channels_last")
+    pd = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w, b = torch.rand(5, dtype=pd, device=device) + 0.5, torch.randn(5, dtype=pd, device=device)
+    rm, rv = torch.randn(5, dtype=pd, device=device), torch.rand(5, dtype=pd, device=device) + 0.5
+    r = torch.randn(x.shape, dtype=dtype, device=device)
+    return x, w, b, r, rm, rv
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else []) for b in OPS])
+@pytest.mark.parametrize("relu", [True, False])
+def test_opcheck(backend, relu):
+    device = DEVICE[backend]
+    require(backend, device, torch.float32)
+    ops = torch.ops.cnnkern
+    prefix = OPS[backend]
+    x, w, b, r, rm, rv = _args(device, torch.float32, relu)
+    fwd_train = getattr(ops, prefix + "bn_forward_train")
+    fwd_eval = getattr(ops, prefix + "bn_forward_eval")
+    bwd = getattr(ops, prefix + "bn_backward")
+    torch.library.opcheck(fwd_train, (x, w, b, r, rm, rv, 0.1, 1e-5, relu))
+    torch.library.opcheck(fwd_train, (x, None, None, None, None, None, 0.1, 1e-5, relu))
+    torch.library.opcheck(fwd_eval, (x, w, b, r, rm, rv, 1e-5, relu))
+    out, mean, invstd = fwd_train(x, w, b, r, None, None, 0.1, 1e-5, relu)
+    g = torch.randn_like(x)
+    for training in (True, False):
+        torch.library.opcheck(bwd, (g, x, out if relu else None, w, mean, invstd, training, relu,
+                                    [True, True, True, relu]))
+    torch.library.opcheck(bwd, (g, x, out if relu else None, None, mean, invstd, True, relu, [True, False, True, False]))
