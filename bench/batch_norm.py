@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cnnkern
+from cnnkern.backends import refuses
 
 GPU_SHAPES = [(128, 64, 112, 112), (128, 256, 56, 56), (128, 512, 28, 28), (128, 1024, 14, 14), (128, 2048, 7, 7)]
 CPU_SHAPES = [(32, 64, 56, 56), (16, 256, 28, 28), (16, 1024, 7, 7)]
@@ -61,7 +62,7 @@ def provider_refuses(provider: str, device: torch.device, dtype: torch.dtype):
     backend = provider.split("-", 1)[1]
     if backend == "triton" and device.type == "cpu":
         return "the triton interpreter is a test tool, not a benchmark"
-    return cnnkern.backends.refuses(backend, device, dtype, "bn_forward_train")
+    return refuses(backend, device, dtype, "bn_forward_train")
 
 
 def _eager(x, running_mean, running_var, weight, bias, training, residual):

@@ -102,6 +102,7 @@ def refuses(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Opt
     return _REFUSES[name](device, dtype, op)
 
 
+@torch.compiler.assume_constant_result  # torch.compile: decided once, at trace time
 def select(requested: Optional[str], device: torch.device, dtype: torch.dtype, op: str) -> str:
     """The backend that runs `op` on (device, dtype)."""
     requested = requested or os.environ.get("CNNKERN_BACKEND") or None
@@ -154,3 +155,17 @@ def backends() -> Dict[str, BackendInfo]:
         reason = reason or refuses(name, device, torch.float32, "bn_forward_train")
         info[name] = BackendInfo(name, reason is None, reason or f"runs {device.type} tensors")
     return info
+
+
+def explain(input: torch.Tensor, op: str = "bn_forward_train") -> str:
+    """Which backends can run `op` on a tensor like `input`, why the others cannot,
+    and which one the automatic choice takes."""
+    lines = []
+    for name in NAMES:
+        reason = refuses(name, input.device, input.dtype, op)
+        lines.append(f"{name:<10} {'can run' if reason is None else 'cannot: ' + reason}")
+    try:
+        lines.append(f"automatic: {select(None, input.device, input.dtype, op)}")
+    except BackendError as e:
+        lines.append(f"automatic: none ({e})")
+    return "\n".join(lines)

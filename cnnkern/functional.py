@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import reference
+from .backends import select
 from .layout import try_view3d
 from .ops.batch_norm import BatchNormFunction
 
@@ -78,7 +79,7 @@ def batch_norm(
     (automatic), "triton", "cuda", "cpu" or "reference" (also $CNNKERN_BACKEND).
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, residual, activation)
-    name = backends.select(backend, input.device, input.dtype, "bn_forward_train")
+    name = select(backend, input.device, input.dtype, "bn_forward_train")
     if name == "reference":
         return reference.batch_norm_ref(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         residual, activation)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cnnkern import backends
+from cnnkern.backends import refuses
 
 # (backend, device): every backend on each device it serves. CUDA ones carry the
 # `cuda` marker; a pair that cannot run here skips with the backend's own reason
@@ -19,7 +19,7 @@ def backend_params(names=("cpu", "triton", "cuda", "reference")):
 
 
 def require(backend: str, device: str, dtype: torch.dtype, op: str = "bn_forward_train") -> None:
-    reason = backends.refuses(backend, torch.device(device), dtype, op)
+    reason = refuses(backend, torch.device(device), dtype, op)
     if reason:
         pytest.skip(f"{backend} cannot run on {device}/{dtype} here: {reason}")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cnnkern
-from cnnkern import backends
+from cnnkern.backends import BackendError, refuses
 
 F = cnnkern.functional
 
@@ -56,7 +56,7 @@ def test_module_rank():
 
 def test_explicit_backend_that_cannot_run_raises():
     x = torch.randn(2, 3, 4, 4)
-    with pytest.raises(backends.BackendError, match="backend 'cuda' cannot run .* got a cpu tensor"):
+    with pytest.raises(BackendError, match="backend 'cuda' cannot run .* got a cpu tensor"):
         F.batch_norm(x, *_stats(), training=True, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         F.batch_norm(x, *_stats(), training=True, backend="cudnn")
@@ -64,19 +64,19 @@ def test_explicit_backend_that_cannot_run_raises():
 
 def test_environment_variable_picks_the_backend(monkeypatch):
     monkeypatch.setenv("CNNKERN_BACKEND", "cuda")
-    with pytest.raises(backends.BackendError, match="backend 'cuda'"):
+    with pytest.raises(BackendError, match="backend 'cuda'"):
         F.batch_norm(torch.randn(2, 3, 4, 4), *_stats(), training=True)
 
 
 def test_triton_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    reason = backends.refuses("triton", torch.device("cpu"), torch.float32, "bn_forward_train")
+    reason = refuses("triton", torch.device("cpu"), torch.float32, "bn_forward_train")
     assert reason is not None and "TRITON_INTERPRET=1" in reason
 
 
 def test_ops_check_their_arguments():
     """Direct torch.ops.cnnkern calls are guarded too (TORCH_CHECK naming the argument)."""
-    assert backends.refuses("cpu", torch.device("cpu"), torch.float32, "bn_forward_train") is None
+    assert refuses("cpu", torch.device("cpu"), torch.float32, "bn_forward_train") is None
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="weight must have shape"):
         torch.ops.cnnkern.bn_forward_eval(x, torch.ones(4), None, None, *_stats(), 1e-5, False)

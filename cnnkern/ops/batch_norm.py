@@ -11,7 +11,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .. import _extension, backends
+from .. import _extension
+from ..backends import TRITON_IMPORT_ERROR
 from ..layout import try_view3d
 from ..reference import stat_dtype
 
@@ -44,12 +45,12 @@ def _fake_backward(grad_output, input, output, weight, mean, invstd, training, r
 
 def _register() -> None:
     if not _extension.loaded():
-        return  # no schemas; backends.refuses() reports why
+        return  # no schemas; cnnkern.backends() reports why
     for prefix in sorted(set(_PREFIX.values())):
         torch.library.register_fake(f"cnnkern::{prefix}bn_forward_train")(_fake_forward_train)
         torch.library.register_fake(f"cnnkern::{prefix}bn_forward_eval")(_fake_forward_eval)
         torch.library.register_fake(f"cnnkern::{prefix}bn_backward")(_fake_backward)
-    if backends.TRITON_IMPORT_ERROR is None:
+    if TRITON_IMPORT_ERROR is None:
         from ..triton import batch_norm as kernels
 
         # CPU too: triton runs CPU tensors under TRITON_INTERPRET=1.
