@@ -1,0 +1,996 @@
+// CUDA kernels of the batch-norm family: y = act(batch_norm(x) + residual) and its backward.
+// Semantics: the schemas in csrc/ops.cpp; launcher API: batch_norm.h. No torch header here, so
+// plain nvcc compiles this file.
+//
+// Geometry. Every tensor is an (N, C, L) strided view. A launch picks one orientation from the
+// input's strides and uses it for all of its tensors (each keeps its own strides):
+//   along L (NCHW, sL == 1): a block owns one channel; threadIdx.x runs along l, threadIdx.y along n.
+//   along C (channels_last, sC == 1): a block owns blockDim.x * VEC channels; threadIdx.x runs
+//     along c, threadIdx.y along l, and n is a loop (usually of one: (N, L) merge into L when the
+//     strides allow, as they do for channels_last).
+// Any other strides run the same kernels with VEC = 1: the strides are runtime values anyway.
+// A thread reads "items": VEC elements adjacent along its lane dimension, one 16-byte access when
+// every tensor of the launch allows it (stride 1 there, aligned pointers and strides), else VEC = 1.
+// The grid is (channel tiles, batch splits, l splits); a "split" (blockIdx.y, blockIdx.z) is one
+// block's share of the N * L values of its channels. Grids are sized from the SM count.
+//
+// Launches. Training forward: bn_stats_kernel writes a Welford partial (count, mean, M2) per
+// (split, channel); bn_forward_kernel merges the partials of its block's channels itself (no
+// finalize launch), normalizes, adds the residual, applies ReLU, and the split-0 block of each
+// channel tile writes save_mean / save_invstd and the running stats. Eval forward:
+// bn_forward_kernel alone. Backward: bn_grad_sums_kernel writes partial sums of gz and
+// gz * (x - mean) per (split, channel) when any output needs them; bn_backward_kernel merges them
+// (its split-0 blocks write grad_weight / grad_bias) and writes grad_input / grad_residual.
+// No block reads what another block of the same launch writes: partials are read only by the
+// next launch on the stream.
+#include "cuda/batch_norm.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+namespace cnnkern::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // threads per block, in every kernel (block_merge relies on it)
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlocksPerSM = 2;        // resident blocks per SM that every kernel guarantees
+                                       // (<= 128 registers) and grids are sized for
+constexpr int kMinStepsPerThread = 2;  // splitting finer only adds partials to merge
+constexpr int kSectorBytes = 32;       // memory access granularity: along C, a row of a block's
+                                       // channels is at least this wide
+constexpr int64_t kMaxGridYZ = 65535;
+
+// Items a thread loads per step of one tensor, all issued before the first is used: 4 (64 bytes
+// of 16-byte vectors), or 8 of 2-byte scalars for 16 bytes in flight. More would not fit 128
+// registers: the compiler keeps each item's 64-bit offset live per tensor.
+__host__ __device__ constexpr int items_per_step(int item_bytes) { return item_bytes == 2 ? 8 : 4; }
+
+// ---- element types ---------------------------------------------------------------------------
+
+// Accumulation ("statistics") type: all arithmetic happens in it.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> x) {
+  return x;  // float, double
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// 1 / sqrt(x) in the accumulation precision (no fast-math approximation).
+__device__ __forceinline__ float inv_sqrt(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double inv_sqrt(double x) { return 1.0 / sqrt(x); }
+
+// VEC elements adjacent in memory: one access (16 bytes when VEC > 1).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+// ---- geometry --------------------------------------------------------------------------------
+
+// How a launch's grid covers the (N, C, L) space; computed by make_plan, passed by value.
+struct Tiling {
+  int64_t N;                // batch size (1 once (N, L) merged into L)
+  int64_t C;                // channels
+  int64_t items;            // items per (n, channel): L / VEC along L, L along C
+  int64_t n_per_split;      // batch indices per blockIdx.y
+  int64_t items_per_split;  // items per blockIdx.z
+};
+
+__device__ __forceinline__ int thread_rank() { return threadIdx.x + threadIdx.y * blockDim.x; }
+__device__ __forceinline__ int64_t split_index() { return int64_t(blockIdx.y) * gridDim.z + blockIdx.z; }
+
+// Threads [0, group) of a block each hold one of its channel groups after block_merge; a thread's
+// group is threadIdx.x along C (blockDim.x divides 32 there) and the block's one channel along L.
+template <bool kAlongC>
+__device__ __forceinline__ int channel_groups() {
+  return kAlongC ? blockDim.x : 1;
+}
+
+// The part of the (n, item) space one thread visits, and the channels it belongs to.
+template <bool kAlongC, int VEC>
+struct ThreadTile {
+  int64_t c;                         // first channel (along C the thread's VEC channels start here)
+  bool channel_ok;                   // c < C: false only for the padding groups of the last tile along C
+  int64_t n_begin, n_end, n_step;    // batch indices n_begin, n_begin + n_step, ... < n_end
+  int64_t i_begin, i_end, i_stride;  // items i_begin, i_begin + i_stride, ... < i_end
+
+  __device__ explicit ThreadTile(const Tiling& t) {
+    const int64_t n0 = int64_t(blockIdx.y) * t.n_per_split;
+    const int64_t i0 = int64_t(blockIdx.z) * t.items_per_split;
+    n_end = n0 + t.n_per_split < t.N ? n0 + t.n_per_split : t.N;
+    i_end = i0 + t.items_per_split < t.items ? i0 + t.items_per_split : t.items;
+    if (kAlongC) {
+      c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+      n_begin = n0, n_step = 1;
+      i_begin = i0 + threadIdx.y, i_stride = blockDim.y;
+    } else {
+      c = blockIdx.x;
+      n_begin = n0 + threadIdx.y, n_step = blockDim.y;
+      i_begin = i0 + threadIdx.x, i_stride = blockDim.x;
+    }
+    channel_ok = c < t.C;
+  }
+
+  // Element offset, in view v, of the first element of item i at batch index n.
+  __device__ __forceinline__ int64_t offset(const Strided3d& v, int64_t n, int64_t i) const {
+    return n * v.sN + c * v.sC + (kAlongC ? i : i * VEC) * v.sL;
+  }
+};
+
+// Calls visit(n, i, count) for each step of the thread's tile: the items i + u * i_stride for
+// u < count <= U (count < U only for the last step of an n).
+template <int U, class Tile, class Visit>
+__device__ __forceinline__ void for_each_step(const Tile& t, Visit&& visit) {
+  if (!t.channel_ok) return;
+  for (int64_t n = t.n_begin; n < t.n_end; n += t.n_step) {
+    for (int64_t i = t.i_begin; i < t.i_end; i += U * t.i_stride) {
+      int count = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) count += i + u * t.i_stride < t.i_end;
+      visit(n, i, count);
+    }
+  }
+}
+
+// Loads a step's items (n, i + u * i_stride), u < count, of tensor `base` (view v); the items past
+// `count` are zero. Items stay in T until used: half the registers of converting them up front.
+template <int U, int VEC, typename T, class Tile>
+__device__ __forceinline__ void load_step(const T* base, const Strided3d& v, const Tile& t, int64_t n, int64_t i,
+                                          int count, Vec<T, VEC> (&items)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    items[u] = u < count ? *reinterpret_cast<const Vec<T, VEC>*>(base + t.offset(v, n, i + u * t.i_stride))
+                         : Vec<T, VEC>{};
+  }
+}
+
+// Stores a step's items u < count to tensor `base` (view v).
+template <int U, int VEC, typename T, class Tile>
+__device__ __forceinline__ void store_step(T* base, const Strided3d& v, const Tile& t, int64_t n, int64_t i, int count,
+                                           const Vec<T, VEC> (&items)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (u < count) *reinterpret_cast<Vec<T, VEC>*>(base + t.offset(v, n, i + u * t.i_stride)) = items[u];
+  }
+}
+
+// ---- accumulators ----------------------------------------------------------------------------
+// A thread accumulates K channels: its VEC channels along C, its block's one channel along L.
+// Both types merge pairwise at every level (step -> thread -> warp -> block -> splits), in a fixed
+// order, so every block that merges the same partials gets bit-identical results.
+
+// Count, mean and M2 (sum of squared deviations from the mean) of K channels' values. Chan's
+// pairwise merge is exact up to rounding for any split of the data and, unlike sums of x and x^2,
+// does not cancel when |mean| >> std.
+template <typename A, int K>
+struct Welford {
+  static constexpr int kChannels = K;
+  A n;        // values per channel (the same for all K channels)
+  A mean[K];
+  A m2[K];
+
+  __device__ static Welford empty() {
+    Welford w;
+    w.n = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) w.mean[k] = w.m2[k] = 0;
+    return w;
+  }
+
+  __device__ void merge(const Welford& o) {
+    const A n_ab = n + o.n;
+    const A w = n_ab > A(0) ? o.n / n_ab : A(0);  // o's weight in the merged mean
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const A delta = o.mean[k] - mean[k];
+      mean[k] += delta * w;
+      m2[k] += o.m2[k] + delta * delta * n * w;  // n * o.n / n_ab * delta^2
+    }
+    n = n_ab;
+  }
+
+  __device__ Welford shfl_xor(int lane_mask) const {
+    Welford o;
+    o.n = __shfl_xor_sync(0xffffffffu, n, lane_mask);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      o.mean[k] = __shfl_xor_sync(0xffffffffu, mean[k], lane_mask);
+      o.m2[k] = __shfl_xor_sync(0xffffffffu, m2[k], lane_mask);
+    }
+    return o;
+  }
+};
+
+// Backward reductions of K channels. Plain sums suffice: x - mean is taken per value, so the sums
+// never hold a |mean|-sized term to cancel.
+template <typename A, int K>
+struct GradSums {
+  static constexpr int kChannels = K;
+  A gz[K];     // sum of gz
+  A gzxmu[K];  // sum of gz * (x - mean)
+
+  __device__ static GradSums empty() {
+    GradSums s;
+#pragma unroll
+    for (int k = 0; k < K; ++k) s.gz[k] = s.gzxmu[k] = 0;
+    return s;
+  }
+
+  __device__ void merge(const GradSums& o) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) gz[k] += o.gz[k], gzxmu[k] += o.gzxmu[k];
+  }
+
+  __device__ GradSums shfl_xor(int lane_mask) const {
+    GradSums o;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      o.gz[k] = __shfl_xor_sync(0xffffffffu, gz[k], lane_mask);
+      o.gzxmu[k] = __shfl_xor_sync(0xffffffffu, gzxmu[k], lane_mask);
+    }
+    return o;
+  }
+};
+
+// Per-split Welford statistics, the training forward's workspace: three (S, C) arrays, row-major.
+template <typename A>
+struct StatPartials {
+  A* n;
+  A* mean;
+  A* m2;
+
+  template <int K>
+  __device__ Welford<A, K> load(int64_t split, int64_t c, int64_t C) const {
+    const int64_t at = split * C + c;
+    Welford<A, K> w;
+    w.n = n[at];
+#pragma unroll
+    for (int k = 0; k < K; ++k) w.mean[k] = mean[at + k], w.m2[k] = m2[at + k];
+    return w;
+  }
+
+  template <int K>
+  __device__ void store(int64_t split, int64_t c, int64_t C, const Welford<A, K>& w) const {
+    const int64_t at = split * C + c;
+#pragma unroll
+    for (int k = 0; k < K; ++k) n[at + k] = w.n, mean[at + k] = w.mean[k], m2[at + k] = w.m2[k];
+  }
+};
+
+// Per-split backward sums, the backward's workspace: two (S, C) arrays, row-major.
+template <typename A>
+struct GradPartials {
+  A* gz;
+  A* gzxmu;
+
+  template <int K>
+  __device__ GradSums<A, K> load(int64_t split, int64_t c, int64_t C) const {
+    const int64_t at = split * C + c;
+    GradSums<A, K> s;
+#pragma unroll
+    for (int k = 0; k < K; ++k) s.gz[k] = gz[at + k], s.gzxmu[k] = gzxmu[at + k];
+    return s;
+  }
+
+  template <int K>
+  __device__ void store(int64_t split, int64_t c, int64_t C, const GradSums<A, K>& s) const {
+    const int64_t at = split * C + c;
+#pragma unroll
+    for (int k = 0; k < K; ++k) gz[at + k] = s.gz[k], gzxmu[at + k] = s.gzxmu[k];
+  }
+};
+
+// Merges `acc` over the threads of the block that hold the same channels: those whose lane is the
+// same modulo `groups` (channel_groups()), first by warp shuffles, then across warps. Returns the
+// block total in threads [0, groups), one per channel group. Every thread of the block must call
+// it, at most once per kernel (its shared buffer is not reset).
+template <class Acc>
+__device__ Acc block_merge(Acc acc, int groups) {
+  __shared__ Acc warp_totals[kWarps][32];
+  const int rank = thread_rank(), lane = rank % 32, warp = rank / 32;
+  // Lanes l and l ^ mask (mask >= groups, both powers of two) hold the same channels.
+  for (int mask = 16; mask >= groups; mask /= 2) acc.merge(acc.shfl_xor(mask));
+  if (lane < groups) warp_totals[warp][lane] = acc;
+  __syncthreads();
+  if (rank < groups) {
+    for (int w = 1; w < kWarps; ++w) acc.merge(warp_totals[w][rank]);
+  }
+  return acc;
+}
+
+// This thread's share of merging the num_splits partials of its channels (c, ...): along C the
+// threads of one channel group (threadIdx.y) take turns, along L all threads of the block do.
+template <bool kAlongC, class Acc, class Partials>
+__device__ Acc merge_partials(const Partials& partials, int num_splits, int64_t c, int64_t C) {
+  Acc acc = Acc::empty();
+  if (c >= C) return acc;
+  const int first = kAlongC ? int(threadIdx.y) : thread_rank();
+  const int step = kAlongC ? int(blockDim.y) : kThreads;
+  for (int s = first; s < num_splits; s += step) acc.merge(partials.template load<Acc::kChannels>(s, c, C));
+  return acc;
+}
+
+// Statistics of one step's items u < count (per channel, VEC / K values of each item), two-pass
+// over registers. The mean sums x - shift, shift being one of the values, so that the sum stays
+// small (no rounding at the scale of |mean|) when |mean| >> std.
+template <int K, int U, int VEC, typename T>
+__device__ __forceinline__ Welford<acc_t<T>, K> step_stats(const Vec<T, VEC> (&x)[U], int count) {
+  using A = acc_t<T>;
+  constexpr int kPerItem = VEC / K;  // values of one channel in one item
+  Welford<A, K> s;
+  s.n = A(count * kPerItem);
+  const A inv_n = A(1) / s.n;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const A shift = to_acc(x[0].v[k * kPerItem]);  // item 0 is always valid
+    A sum = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int e = 0; e < kPerItem; ++e) sum += u < count ? to_acc(x[u].v[k * kPerItem + e]) - shift : A(0);
+    }
+    s.mean[k] = shift + sum * inv_n;
+    A m2 = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int e = 0; e < kPerItem; ++e) {
+        const A d = to_acc(x[u].v[k * kPerItem + e]) - s.mean[k];
+        m2 += u < count ? d * d : A(0);
+      }
+    }
+    s.m2[k] = m2;
+  }
+  return s;
+}
+
+// ---- kernels ---------------------------------------------------------------------------------
+
+// Training forward, launch 1: Welford statistics of each (split, channel).
+template <typename T, bool kAlongC, int VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_stats_kernel(const T* input,                    // x, (N, C, L)
+                    const Strided3d in_view,           // x's view
+                    const Tiling tiling,               // the grid's cover of (N, C, L)
+                    const StatPartials<acc_t<T>> out)  // written: (S, C) partials, S = gridDim.y * gridDim.z
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  const ThreadTile<kAlongC, VEC> tile(tiling);
+
+  Welford<A, K> acc = Welford<A, K>::empty();
+  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    Vec<T, VEC> x[U];
+    load_step(input, in_view, tile, n, i, count, x);
+    acc.merge(step_stats<K>(x, count));
+  });
+  acc = block_merge(acc, channel_groups<kAlongC>());
+  if (thread_rank() < channel_groups<kAlongC>() && tile.channel_ok) out.store(split_index(), tile.c, tiling.C, acc);
+}
+
+template <typename T, typename P>
+struct ForwardParams {
+  const T* input;  // x, (N, C, L)
+  Strided3d in_view;
+  const T* residual;  // r, same shape, or nullptr
+  Strided3d res_view;
+  T* output;  // y, same shape
+  Strided3d out_view;
+  const P* weight;                  // (C,) or nullptr: w = 1
+  const P* bias;                    // (C,) or nullptr: b = 0
+  P* running_mean;                  // (C,) training: updated in place, or nullptr; eval: read
+  P* running_var;                   // (C,) as running_mean; the unbiased variance
+  StatPartials<acc_t<T>> partials;  // training: (S, C) from bn_stats_kernel
+  int num_splits;                   // training: S
+  acc_t<T>* save_mean;              // training: (C,) written
+  acc_t<T>* save_invstd;            // training: (C,) written
+  int64_t count;                    // M = N * L values per channel
+  acc_t<T> momentum;                // training: weight of the batch statistic in the running one
+  acc_t<T> eps;
+  bool relu;
+};
+
+// Forward, elementwise (training: launch 2; eval: the only launch). Each block first gets the
+// statistics of its channels (training: merges all S partials; eval: the running stats), then
+// y = act((x - mean) * (w * invstd) + b + r) over its split. The (x - mean) * scale form keeps
+// |mean| >> std from cancelling, where x * scale + shift would not.
+template <typename T, typename P, bool kAlongC, int VEC, bool kTraining>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_forward_kernel(const ForwardParams<T, P> p,  // tensors and scalars, see ForwardParams
+                      const Tiling tiling)          // the grid's cover of (N, C, L)
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int kPerItem = VEC / K;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  const ThreadTile<kAlongC, VEC> tile(tiling);
+  const int groups = channel_groups<kAlongC>();
+  const int rank = thread_rank();
+
+  Welford<A, K> batch = Welford<A, K>::empty();
+  if constexpr (kTraining) {
+    batch = block_merge(merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
+  }
+  // Per channel group: mean, scale = w * invstd, shift = b; written by threads [0, groups).
+  __shared__ A coef[32][3][K];
+  if (rank < groups && tile.channel_ok) {
+    const A m = A(p.count);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t c = tile.c + k;
+      const A mean = kTraining ? batch.mean[k] : to_acc(p.running_mean[c]);
+      const A var = kTraining ? batch.m2[k] / m : to_acc(p.running_var[c]);
+      const A invstd = inv_sqrt(var + p.eps);
+      coef[rank][0][k] = mean;
+      coef[rank][1][k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
+      coef[rank][2][k] = p.bias ? to_acc(p.bias[c]) : A(0);
+      // One block per channel tile publishes the batch statistics.
+      if (kTraining && blockIdx.y == 0 && blockIdx.z == 0) {
+        p.save_mean[c] = mean;
+        p.save_invstd[c] = invstd;
+        const A keep = A(1) - p.momentum;
+        if (p.running_mean) p.running_mean[c] = from_acc<P>(keep * to_acc(p.running_mean[c]) + p.momentum * mean);
+        if (p.running_var) {
+          const A unbiased = batch.m2[k] / (m - A(1));
+          p.running_var[c] = from_acc<P>(keep * to_acc(p.running_var[c]) + p.momentum * unbiased);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (!tile.channel_ok) return;
+
+  const int group = kAlongC ? int(threadIdx.x) : 0;
+  A mean[K], scale[K], shift[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) mean[k] = coef[group][0][k], scale[k] = coef[group][1][k], shift[k] = coef[group][2][k];
+
+  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    Vec<T, VEC> x[U], r[U] = {};
+    load_step(p.input, p.in_view, tile, n, i, count, x);
+    if (p.residual) load_step(p.residual, p.res_view, tile, n, i, count, r);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int k = e / kPerItem;
+        A y = (to_acc(x[u].v[e]) - mean[k]) * scale[k] + shift[k] + to_acc(r[u].v[e]);
+        if (p.relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN, as torch.relu
+        x[u].v[e] = from_acc<T>(y);
+      }
+    }
+    store_step(p.output, p.out_view, tile, n, i, count, x);
+  });
+}
+
+// Loads a step of gz = g, or with relu (`relu_output` non-null) g where the forward output is > 0
+// and 0 elsewhere.
+template <int U, int VEC, typename T, class Tile>
+__device__ __forceinline__ void load_gz(const T* grad_output, const Strided3d& g_view, const T* relu_output,
+                                        const Strided3d& out_view, const Tile& t, int64_t n, int64_t i, int count,
+                                        Vec<T, VEC> (&gz)[U]) {
+  load_step(grad_output, g_view, t, n, i, count, gz);
+  if (!relu_output) return;
+  Vec<T, VEC> out[U];
+  load_step(relu_output, out_view, t, n, i, count, out);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) gz[u].v[e] = to_acc(out[u].v[e]) > acc_t<T>(0) ? gz[u].v[e] : T{};
+  }
+}
+
+// Backward, launch 1 (when some output needs the sums): per (split, channel), sum(gz) and
+// sum(gz * (x - mean)).
+template <typename T, bool kAlongC, int VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_grad_sums_kernel(const T* grad_output,              // g, (N, C, L)
+                        const Strided3d g_view,            // g's view
+                        const T* input,                    // x, same shape
+                        const Strided3d in_view,           // x's view
+                        const T* relu_output,              // forward output (relu: gz = g * (y > 0)), or nullptr
+                        const Strided3d out_view,          // its view
+                        const acc_t<T>* mean,              // (C,) the mean the forward normalized with
+                        const Tiling tiling,               // the grid's cover of (N, C, L)
+                        const GradPartials<acc_t<T>> out)  // written: (S, C) partial sums
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int kPerItem = VEC / K;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  const ThreadTile<kAlongC, VEC> tile(tiling);
+
+  A mu[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? mean[tile.c + k] : A(0);
+
+  GradSums<A, K> acc = GradSums<A, K>::empty();
+  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    Vec<T, VEC> gz[U], x[U];
+    load_gz(grad_output, g_view, relu_output, out_view, tile, n, i, count, gz);
+    load_step(input, in_view, tile, n, i, count, x);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (u >= count) break;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int k = e / kPerItem;
+        const A g = to_acc(gz[u].v[e]);
+        acc.gz[k] += g;
+        acc.gzxmu[k] += g * (to_acc(x[u].v[e]) - mu[k]);
+      }
+    }
+  });
+  acc = block_merge(acc, channel_groups<kAlongC>());
+  if (thread_rank() < channel_groups<kAlongC>() && tile.channel_ok) out.store(split_index(), tile.c, tiling.C, acc);
+}
+
+template <typename T, typename P>
+struct BackwardParams {
+  const T* grad_output;  // g, (N, C, L)
+  Strided3d g_view;
+  const T* input;  // x, same shape; read for grad_input when training
+  Strided3d in_view;
+  const T* relu_output;  // forward output (relu: gz = g * (y > 0)), or nullptr
+  Strided3d out_view;
+  const P* weight;                  // (C,) or nullptr: w = 1
+  const acc_t<T>* mean;             // (C,) the statistics the forward normalized with
+  const acc_t<T>* invstd;           // (C,)
+  GradPartials<acc_t<T>> partials;  // (S, C) from bn_grad_sums_kernel
+  int num_splits;                   // S, 0 when no sums were computed
+  T* grad_input;                    // same shape as x, or nullptr
+  Strided3d gi_view;
+  T* grad_residual;  // same shape as x (gz), or nullptr
+  Strided3d gr_view;
+  P* grad_weight;  // (C,) or nullptr
+  P* grad_bias;    // (C,) or nullptr
+  int64_t count;   // M = N * L values per channel
+  bool training;   // grad_input flows through the batch mean and invstd
+};
+
+// Backward, elementwise. Each block merges its channels' partial sums, its split-0 block writes
+// grad_weight / grad_bias, then over its split:
+//   training: grad_input = (gz - sum_gz / M - (x - mean) * invstd^2 * sum_gzxmu / M) * w * invstd
+//   eval:     grad_input = gz * w * invstd
+//   grad_residual = gz.
+template <typename T, typename P, bool kAlongC, int VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_backward_kernel(const BackwardParams<T, P> p,  // tensors and scalars, see BackwardParams
+                       const Tiling tiling)           // the grid's cover of (N, C, L)
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int kPerItem = VEC / K;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  const ThreadTile<kAlongC, VEC> tile(tiling);
+  const int groups = channel_groups<kAlongC>();
+  const int rank = thread_rank();
+
+  GradSums<A, K> sums = GradSums<A, K>::empty();
+  if (p.num_splits > 0) {  // uniform over the block, as block_merge requires
+    sums = block_merge(merge_partials<kAlongC, GradSums<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
+  }
+  // Per channel group: mean, scale = w * invstd, mean of gz, and invstd^2 * mean of gz * (x - mean).
+  __shared__ A coef[32][4][K];
+  if (rank < groups && tile.channel_ok) {
+    const A m = A(p.count);
+    const bool publish = blockIdx.y == 0 && blockIdx.z == 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t c = tile.c + k;
+      const A invstd = p.invstd[c];
+      coef[rank][0][k] = p.mean[c];
+      coef[rank][1][k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
+      coef[rank][2][k] = p.training ? sums.gz[k] / m : A(0);
+      coef[rank][3][k] = p.training ? invstd * invstd * (sums.gzxmu[k] / m) : A(0);
+      if (publish && p.grad_weight) p.grad_weight[c] = from_acc<P>(sums.gzxmu[k] * invstd);
+      if (publish && p.grad_bias) p.grad_bias[c] = from_acc<P>(sums.gz[k]);
+    }
+  }
+  __syncthreads();
+  if (!tile.channel_ok || (!p.grad_input && !p.grad_residual)) return;
+
+  const int group = kAlongC ? int(threadIdx.x) : 0;
+  A mean[K], scale[K], mean_gz[K], proj[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    mean[k] = coef[group][0][k], scale[k] = coef[group][1][k];
+    mean_gz[k] = coef[group][2][k], proj[k] = coef[group][3][k];
+  }
+  const bool read_x = p.grad_input && p.training;
+
+  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    Vec<T, VEC> gz[U], x[U] = {};
+    load_gz(p.grad_output, p.g_view, p.relu_output, p.out_view, tile, n, i, count, gz);
+    if (p.grad_residual) store_step(p.grad_residual, p.gr_view, tile, n, i, count, gz);
+    if (!p.grad_input) return;  // to the next step
+    if (read_x) load_step(p.input, p.in_view, tile, n, i, count, x);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int k = e / kPerItem;
+        const A g = to_acc(gz[u].v[e]);
+        const A dx = p.training ? g - mean_gz[k] - (to_acc(x[u].v[e]) - mean[k]) * proj[k] : g;
+        x[u].v[e] = from_acc<T>(dx * scale[k]);
+      }
+    }
+    store_step(p.grad_input, p.gi_view, tile, n, i, count, x);
+  });
+}
+
+// ---- host: launch planning -------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t pow2_ceil(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+    case DType::kBFloat16:
+      return 2;
+    case DType::kFloat32:
+      return 4;
+    case DType::kFloat64:
+      return 8;
+  }
+  return 0;
+}
+
+size_t acc_size(DType input) { return input == DType::kFloat64 ? 8 : 4; }
+
+// Multiprocessors of the current device, queried once per device.
+cudaError_t sm_count(int* count) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> cache{};  // 0: not queried yet
+  int device = 0;
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  if (device < kMaxDevices && (*count = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
+  if (const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+      err != cudaSuccess) {
+    return err;
+  }
+  if (device < kMaxDevices) cache[device].store(*count, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+// One tensor of a launch; data == nullptr: absent (its view is ignored).
+struct Operand {
+  const void* data;
+  Strided3d view;
+};
+
+// The launch geometry an op's kernels share.
+struct Plan {
+  bool along_c;     // lanes along C, else along L
+  bool vectorized;  // VEC = 16 / sizeof(T), else 1
+  dim3 grid, block;
+  Tiling tiling;
+
+  int64_t num_splits() const { return int64_t(grid.y) * grid.z; }
+};
+
+// Whether `op` can be read as 16-byte items along the plan's lane dimension: stride 1 there,
+// and every item start 16-byte aligned (the pointer, and the strides of the other dims).
+bool vector_ok(const Operand& op, bool along_c, int vec) {
+  const Strided3d& v = op.view;
+  const int64_t lane_stride = along_c ? v.sC : v.sL;
+  const int64_t other_size = along_c ? v.L : v.C, other_stride = along_c ? v.sL : v.sC;
+  return reinterpret_cast<uintptr_t>(op.data) % 16 == 0 && lane_stride == 1 && (v.N == 1 || v.sN % vec == 0) &&
+         (other_size == 1 || other_stride % vec == 0);
+}
+
+// Splits `want` ways over dim a first, then dim b, never below one index per thread along a dim.
+// Returns the indices per split of each.
+void split_two(int64_t want, int64_t size_a, int64_t threads_a, int64_t size_b, int64_t threads_b, int64_t* per_a,
+               int64_t* per_b) {
+  const int64_t splits_a = std::clamp<int64_t>(std::min(want, size_a / threads_a), 1, kMaxGridYZ);
+  *per_a = ceil_div(size_a, splits_a);
+  const int64_t left = ceil_div(want, ceil_div(size_a, *per_a));
+  const int64_t splits_b = std::clamp<int64_t>(std::min(left, size_b / threads_b), 1, kMaxGridYZ);
+  *per_b = ceil_div(size_b, splits_b);
+}
+
+// Plans a launch over ops[0..num_ops) (ops[0]: the input, which picks the orientation). Rewrites
+// their views in place: with L == 1, sL = sN (l is always 0, and this lets n merge into l); and
+// (N, L) merge into L when every present view allows it (sN == L * sL, e.g. channels_last).
+cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, Plan* plan) {
+  Strided3d& in = ops[0].view;
+  if (in.N < 1 || in.C < 1 || in.L < 1) return cudaErrorInvalidValue;
+  int sms = 0;
+  if (const cudaError_t err = sm_count(&sms); err != cudaSuccess) return err;
+
+  const int64_t N = in.N, L = in.L;
+  bool merge_nl = N > 1;
+  for (int j = 0; j < num_ops; ++j) {
+    if (!ops[j].data) continue;
+    Strided3d& v = ops[j].view;
+    if (L == 1) v.sL = v.sN;
+    merge_nl = merge_nl && v.sN == L * v.sL;
+  }
+  for (int j = 0; merge_nl && j < num_ops; ++j) {
+    if (!ops[j].data) continue;
+    ops[j].view.L = N * L;
+    ops[j].view.N = 1;
+    ops[j].view.sN = 0;
+  }
+
+  // Lanes along the unit stride; otherwise along the smaller one (fewer sectors per warp access).
+  plan->along_c = in.L == 1 || (in.sL != 1 && (in.sC == 1 || std::llabs(in.sC) < std::llabs(in.sL)));
+  const int elt = int(dtype_size(dtype)), max_vec = 16 / elt;
+  plan->vectorized = (plan->along_c ? in.C : in.L) % max_vec == 0;
+  for (int j = 0; j < num_ops; ++j) {
+    if (ops[j].data) plan->vectorized = plan->vectorized && vector_ok(ops[j], plan->along_c, max_vec);
+  }
+  const int vec = plan->vectorized ? max_vec : 1, steps = items_per_step(vec * elt);
+  const int64_t items = plan->along_c ? in.L : in.L / vec;
+
+  int64_t tx;
+  if (plan->along_c) {
+    // The narrowest rows that still read whole sectors: more channel tiles, so fewer splits (and
+    // fewer partials for each block of the second launch to merge).
+    tx = std::min<int64_t>(std::max(kSectorBytes / (vec * elt), 1), pow2_ceil(ceil_div(in.C, vec)));
+  } else {
+    // Enough lanes along l to cover a row in one step (at most a warp), then no more threads
+    // along n than there are batch indices.
+    tx = std::min<int64_t>(32, pow2_ceil(ceil_div(items, steps)));
+    while (tx < kThreads && kThreads / tx > in.N) tx *= 2;
+  }
+  const int64_t ty = kThreads / tx;
+
+  const int64_t channel_tiles = plan->along_c ? ceil_div(in.C, tx * vec) : in.C;
+  if (channel_tiles > INT_MAX) return cudaErrorInvalidValue;  // gridDim.x limit
+  // Splits per channel tile: as many as fit one wave of resident blocks (rounding up would leave a
+  // second, mostly idle wave), but no more than give every thread kMinStepsPerThread steps.
+  const int64_t item_threads = plan->along_c ? ty : kThreads;  // threads sharing one channel's items
+  const int64_t splits =
+      std::max<int64_t>(1, std::min(int64_t(sms) * kBlocksPerSM / channel_tiles,
+                                    in.N * items / (item_threads * steps * kMinStepsPerThread)));
+  int64_t n_per, i_per;
+  if (plan->along_c) {
+    split_two(splits, items, ty, in.N, 1, &i_per, &n_per);  // l first: n is a per-thread loop
+  } else {
+    split_two(splits, in.N, ty, items, tx, &n_per, &i_per);  // n first: keeps rows whole
+  }
+
+  plan->block = dim3(unsigned(tx), unsigned(ty));
+  plan->grid = dim3(unsigned(channel_tiles), unsigned(ceil_div(in.N, n_per)), unsigned(ceil_div(items, i_per)));
+  plan->tiling = Tiling{in.N, in.C, items, n_per, i_per};
+  return cudaSuccess;
+}
+
+// ---- host: dispatch and launchers ------------------------------------------------------------
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls f(Type<T>{}, Type<P>{}) for the (input, param) dtype pair; pairs outside the contract
+// return cudaErrorInvalidValue.
+template <class F>
+cudaError_t dispatch_dtypes(DType input, DType param, F&& f) {
+  switch (input) {
+    case DType::kFloat16:
+      if (param == DType::kFloat16) return f(Type<__half>{}, Type<__half>{});
+      if (param == DType::kFloat32) return f(Type<__half>{}, Type<float>{});
+      break;
+    case DType::kBFloat16:
+      if (param == DType::kBFloat16) return f(Type<__nv_bfloat16>{}, Type<__nv_bfloat16>{});
+      if (param == DType::kFloat32) return f(Type<__nv_bfloat16>{}, Type<float>{});
+      break;
+    case DType::kFloat32:
+      if (param == DType::kFloat32) return f(Type<float>{}, Type<float>{});
+      break;
+    case DType::kFloat64:
+      if (param == DType::kFloat64) return f(Type<double>{}, Type<double>{});
+      break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(std::bool_constant<along C>{}, std::integral_constant<int, VEC>{}) for the plan.
+template <typename T, class F>
+cudaError_t dispatch_layout(const Plan& plan, F&& f) {
+  using Vector = std::integral_constant<int, int(16 / sizeof(T))>;
+  using Scalar = std::integral_constant<int, 1>;
+  if (plan.along_c) return plan.vectorized ? f(std::true_type{}, Vector{}) : f(std::true_type{}, Scalar{});
+  return plan.vectorized ? f(std::false_type{}, Vector{}) : f(std::false_type{}, Scalar{});
+}
+
+std::array<Operand, 3> forward_operands(const BnForwardArgs& a) {
+  return {{{a.input, a.input_view}, {a.residual, a.residual_view}, {a.output, a.output_view}}};
+}
+
+// The input first (it picks the orientation), then every tensor a backward kernel may access.
+std::array<Operand, 5> backward_operands(const BnBackwardArgs& a) {
+  return {{{a.input, a.input_view},
+           {a.grad_output, a.grad_output_view},
+           {a.relu ? a.output : nullptr, a.output_view},
+           {a.grad_input, a.grad_input_view},
+           {a.grad_residual, a.grad_residual_view}}};
+}
+
+bool backward_needs_sums(const BnBackwardArgs& a) {
+  return (a.grad_input && a.training) || a.grad_weight || a.grad_bias;
+}
+
+template <typename T, typename P>
+cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cudaStream_t stream) {
+  using A = acc_t<T>;
+  auto ops = forward_operands(a);
+  Plan plan;
+  if (const cudaError_t err = make_plan(a.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
+    return err;
+  }
+  const int64_t C = plan.tiling.C, S = plan.num_splits();
+  ForwardParams<T, P> p{};
+  p.input = static_cast<const T*>(a.input);
+  p.in_view = ops[0].view;
+  p.residual = static_cast<const T*>(a.residual);
+  p.res_view = ops[1].view;
+  p.output = static_cast<T*>(a.output);
+  p.out_view = ops[2].view;
+  p.weight = static_cast<const P*>(a.weight);
+  p.bias = static_cast<const P*>(a.bias);
+  p.running_mean = static_cast<P*>(a.running_mean);
+  p.running_var = static_cast<P*>(a.running_var);
+  if (training) {
+    A* ws = static_cast<A*>(workspace);
+    p.partials = StatPartials<A>{ws, ws + S * C, ws + 2 * S * C};
+    p.num_splits = int(S);
+    p.save_mean = static_cast<A*>(a.save_mean);
+    p.save_invstd = static_cast<A*>(a.save_invstd);
+  }
+  p.count = a.input_view.N * a.input_view.L;
+  p.momentum = A(a.momentum);
+  p.eps = A(a.eps);
+  p.relu = a.relu;
+  return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
+    constexpr bool kAlongC = decltype(along_c)::value;
+    constexpr int VEC = decltype(vec)::value;
+    if (!training) {
+      bn_forward_kernel<T, P, kAlongC, VEC, false><<<plan.grid, plan.block, 0, stream>>>(p, plan.tiling);
+      return cudaGetLastError();
+    }
+    bn_stats_kernel<T, kAlongC, VEC><<<plan.grid, plan.block, 0, stream>>>(p.input, p.in_view, plan.tiling, p.partials);
+    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    bn_forward_kernel<T, P, kAlongC, VEC, true><<<plan.grid, plan.block, 0, stream>>>(p, plan.tiling);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T, typename P>
+cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const bool sums = backward_needs_sums(a), elementwise = a.grad_input || a.grad_residual;
+  if (!sums && !elementwise) return cudaSuccess;
+  auto ops = backward_operands(a);
+  Plan plan;
+  if (const cudaError_t err = make_plan(a.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
+    return err;
+  }
+  const int64_t C = plan.tiling.C, S = plan.num_splits();
+  BackwardParams<T, P> p{};
+  p.grad_output = static_cast<const T*>(a.grad_output);
+  p.g_view = ops[1].view;
+  p.input = static_cast<const T*>(a.input);
+  p.in_view = ops[0].view;
+  p.relu_output = static_cast<const T*>(ops[2].data);
+  p.out_view = ops[2].view;
+  p.weight = static_cast<const P*>(a.weight);
+  p.mean = static_cast<const A*>(a.mean);
+  p.invstd = static_cast<const A*>(a.invstd);
+  if (sums) {
+    A* ws = static_cast<A*>(workspace);
+    p.partials = GradPartials<A>{ws, ws + S * C};
+    p.num_splits = int(S);
+  }
+  p.grad_input = static_cast<T*>(a.grad_input);
+  p.gi_view = ops[3].view;
+  p.grad_residual = static_cast<T*>(a.grad_residual);
+  p.gr_view = ops[4].view;
+  p.grad_weight = static_cast<P*>(a.grad_weight);
+  p.grad_bias = static_cast<P*>(a.grad_bias);
+  p.count = a.input_view.N * a.input_view.L;
+  p.training = a.training;
+  // Without elementwise outputs only the blocks writing grad_weight / grad_bias are needed.
+  const dim3 grid = elementwise ? plan.grid : dim3(plan.grid.x);
+  return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
+    constexpr bool kAlongC = decltype(along_c)::value;
+    constexpr int VEC = decltype(vec)::value;
+    if (sums) {
+      bn_grad_sums_kernel<T, kAlongC, VEC><<<plan.grid, plan.block, 0, stream>>>(
+          p.grad_output, p.g_view, p.input, p.in_view, p.relu_output, p.out_view, p.mean, plan.tiling, p.partials);
+      if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    }
+    bn_backward_kernel<T, P, kAlongC, VEC><<<grid, plan.block, 0, stream>>>(p, plan.tiling);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace
+
+cudaError_t bn_forward_train_workspace(const BnForwardArgs& args, size_t* bytes) {
+  auto ops = forward_operands(args);
+  Plan plan;
+  if (const cudaError_t err = make_plan(args.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
+    return err;
+  }
+  *bytes = 3 * size_t(plan.num_splits()) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
+  return cudaSuccess;
+}
+
+cudaError_t bn_forward_train(const BnForwardArgs& args, void* workspace, cudaStream_t stream) {
+  if (args.input_view.N * args.input_view.L < 2 || !args.save_mean || !args.save_invstd || !workspace) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_dtypes(args.input_dtype, args.param_dtype, [&](auto t, auto p) {
+    return forward<typename decltype(t)::type, typename decltype(p)::type>(args, true, workspace, stream);
+  });
+}
+
+cudaError_t bn_forward_eval(const BnForwardArgs& args, cudaStream_t stream) {
+  if (!args.running_mean || !args.running_var) return cudaErrorInvalidValue;
+  return dispatch_dtypes(args.input_dtype, args.param_dtype, [&](auto t, auto p) {
+    return forward<typename decltype(t)::type, typename decltype(p)::type>(args, false, nullptr, stream);
+  });
+}
+
+cudaError_t bn_backward_workspace(const BnBackwardArgs& args, size_t* bytes) {
+  *bytes = 0;
+  if (!backward_needs_sums(args)) return cudaSuccess;
+  auto ops = backward_operands(args);
+  Plan plan;
+  if (const cudaError_t err = make_plan(args.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
+    return err;
+  }
+  *bytes = 2 * size_t(plan.num_splits()) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
+  return cudaSuccess;
+}
+
+cudaError_t bn_backward(const BnBackwardArgs& args, void* workspace, cudaStream_t stream) {
+  if ((args.relu && !args.output) || (backward_needs_sums(args) && !workspace)) return cudaErrorInvalidValue;
+  return dispatch_dtypes(args.input_dtype, args.param_dtype, [&](auto t, auto p) {
+    return backward<typename decltype(t)::type, typename decltype(p)::type>(args, workspace, stream);
+  });
+}
+
+}  // namespace cnnkern::cuda
