@@ -26,4 +26,7 @@ def test_gradcheck(backend, device, layout, training, activation):
         return cnnkern.functional.batch_norm(x, rm, rv, w, b, training, residual=r, activation=activation,
                                              backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x, w, b, r), eps=1e-6, atol=1e-7)
+    # The interpreter runs each kernel ~1000x slower: there, fast mode (gradients
+    # checked along random directions rather than column by column).
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(fn, (x, w, b, r), eps=1e-6, atol=1e-7, fast_mode=fast)

@@ -1,0 +1,564 @@
+"""Triton kernels of the batch-norm family: y = act(batch_norm(x) + residual), and its backward.
+
+Every tensor is read as (N, C, L) through its own strides (`view3d`), so NCHW,
+channels_last, channel slices of a larger buffer and stride-0 gradients all run
+without a copy. Program (c_block, split) of every kernel handles channels
+[c_block * BLOCK_C, +BLOCK_C) and a contiguous range of [BLOCK_L, BLOCK_C] tiles,
+numbered over (sample, L-block): its split of the channels' N*L values. Where every
+tensor of a call lets samples and positions merge into one axis (channels_last,
+N == 1, L == 1, stride 0), the kernels see N = 1 and L = N*L: no tile is cut short
+at a sample's end, and no lane idles there.
+
+Launches, all on the same (channel block, split) grid:
+  training forward  _bn_stats_kernel      per-split (count, mean, M2) of x - pivot (Welford)
+                    _bn_fwd_kernel        merges its channels' partials (Chan), normalizes;
+                                          split 0 writes save_mean/invstd, running stats
+  eval forward      _bn_fwd_kernel        running statistics, one pass
+  backward          _bn_bwd_reduce_kernel per-split sum(dy), sum(dy * (x - mean))
+                    _bn_bwd_kernel        merges them, writes grad_input / grad_residual;
+                                          split 0 writes grad_weight / grad_bias
+All arithmetic happens in ACC_DTYPE: float64 for float64 input, else float32.
+"""
+import functools
+import math
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..layout import Strided3d, view3d
+from ..reference import stat_dtype
+
+__all__ = ["bn_forward_train", "bn_forward_eval", "bn_backward", "view3d"]
+
+
+# ---- kernels ----------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(tile, l_blocks, L, BLOCK_L: tl.constexpr):
+    """Sample index, first position and [BLOCK_L, 1] in-bounds mask of the positions of
+    tile `tile` (tiles run over the L-blocks of sample 0, then of sample 1, ...)."""
+    n = tile // l_blocks
+    l_start = (tile - n * l_blocks) * BLOCK_L
+    return n, l_start, (l_start + tl.arange(0, BLOCK_L) < L)[:, None]
+
+
+@triton.jit
+def _tile_ptrs(ptr, n, l_start, c_start, stride_n, stride_c, stride_l,
+               BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pointers of the [BLOCK_L, BLOCK_C] tile at (n, c_start.., l_start..). The tile's
+    origin is computed in 64 bits (a tensor may span more than 2**31 elements), the
+    offsets inside it in 32. A stride of 1 is specialized by Triton, so the tile is
+    known contiguous along that axis and its loads vectorize."""
+    origin = n.to(tl.int64) * stride_n + c_start.to(tl.int64) * stride_c + l_start.to(tl.int64) * stride_l
+    l = tl.arange(0, BLOCK_L)[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    return ptr + origin + (l * stride_l + c * stride_c)
+
+
+@triton.jit
+def _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE: tl.constexpr):
+    """x[0, c, 0] for each channel: the statistics are taken of x - pivot. A value of the
+    channel is typically within a few std of its mean, so x - pivot is of the order of the
+    std however large the mean (and exact when |mean| >> std): no float32 bits go to
+    the mean's magnitude, which would cost the variance and the output their precision."""
+    return tl.load(x_ptr + channels.to(tl.int64) * x_stride_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _welford_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s merge of two (count, mean, M2) summaries; an empty one (count 0) is
+    the identity."""
+    count = count_a + count_b
+    weight_b = count_b / tl.maximum(count, 1.0)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * weight_b, m2_a + m2_b + delta * delta * count_a * weight_b
+
+
+@triton.jit
+def _bn_stats_kernel(
+    x_ptr,  # input (N, C, L)
+    partials_ptr,  # out: (3, num_splits, C), ACC_DTYPE: count, mean - pivot, M2 of each (split, channel)
+    C,  # channels
+    L,  # positions per sample
+    x_stride_n, x_stride_c, x_stride_l,  # input's element strides
+    l_blocks,  # cdiv(L, BLOCK_L): tiles per sample
+    num_tiles,  # N * l_blocks: tiles per channel block
+    tiles_per_split,  # consecutive tiles one program reduces
+    num_splits,  # programs per channel block
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    split = tl.program_id(1)
+    c_start = tl.program_id(0) * BLOCK_C
+    channels = c_start + tl.arange(0, BLOCK_C)
+    c_ok = channels < C
+    pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)[None, :]
+    # Welford per lane on x - pivot: each lane folds in one value per tile, and the lanes
+    # merge at the end (unlike plain sums, robust even to a pivot far out in the tail).
+    # All lanes of a row see the same positions, so they share one count.
+    count = tl.zeros([BLOCK_L, 1], ACC_DTYPE)
+    mean = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
+    first_tile = split * tiles_per_split
+    for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles)):
+        n, l_start, l_ok = _tile(tile, l_blocks, L, BLOCK_L)
+        mask = l_ok & c_ok[None, :]
+        x = tl.load(_tile_ptrs(x_ptr, n, l_start, c_start, x_stride_n, x_stride_c, x_stride_l, BLOCK_L, BLOCK_C),
+                    mask=mask, other=0.0).to(ACC_DTYPE) - pivot
+        count += l_ok.to(ACC_DTYPE)
+        delta = x - mean
+        mean += delta * tl.where(l_ok, 1.0 / tl.maximum(count, 1.0), 0.0)  # rows past L stay as they are
+        m2 += tl.where(l_ok, delta * (x - mean), 0.0)
+    count, mean, m2 = tl.reduce((tl.broadcast_to(count, [BLOCK_L, BLOCK_C]), mean, m2), 0, _welford_combine)
+    out = partials_ptr + split * C + channels
+    tl.store(out, count, mask=c_ok)
+    tl.store(out + num_splits * C, mean, mask=c_ok)
+    tl.store(out + 2 * num_splits * C, m2, mask=c_ok)
+
+
+@triton.jit
+def _bn_fwd_kernel(
+    x_ptr,  # input (N, C, L)
+    r_ptr,  # residual (N, C, L), input's dtype; None unless HAS_RESIDUAL
+    y_ptr,  # out: output (N, C, L), input's dtype
+    w_ptr,  # weight (C,), param dtype; None unless HAS_WEIGHT
+    b_ptr,  # bias (C,), param dtype; None unless HAS_BIAS
+    running_mean_ptr,  # (C,), param dtype: read in eval, updated in training; None unless HAS_RUNNING_MEAN
+    running_var_ptr,  # (C,), param dtype: read in eval, updated in training; None unless HAS_RUNNING_VAR
+    partials_ptr,  # training: (3, num_splits, C) from _bn_stats_kernel
+    save_mean_ptr,  # training out: (C,), ACC_DTYPE
+    save_invstd_ptr,  # training out: (C,), ACC_DTYPE
+    C,  # channels
+    L,  # positions per sample
+    M,  # values per channel, N * L
+    x_stride_n, x_stride_c, x_stride_l,  # element strides of input,
+    r_stride_n, r_stride_c, r_stride_l,  # residual,
+    y_stride_n, y_stride_c, y_stride_l,  # and output
+    l_blocks,  # cdiv(L, BLOCK_L): tiles per sample
+    num_tiles,  # N * l_blocks: tiles per channel block
+    tiles_per_split,  # consecutive tiles one program normalizes
+    num_splits,  # programs per channel block (and partials per channel)
+    momentum: tl.float64,  # running-stats update weight (float64: exact for float64 stats)
+    eps: tl.float64,  # added to the variance
+    TRAINING: tl.constexpr,  # batch statistics from the partials; else the running ones
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_RUNNING_MEAN: tl.constexpr,
+    HAS_RUNNING_VAR: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    SPLITS_BLOCK: tl.constexpr,  # next_power_of_2(num_splits)
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    split = tl.program_id(1)
+    c_start = tl.program_id(0) * BLOCK_C
+    channels = c_start + tl.arange(0, BLOCK_C)
+    c_ok = channels < C
+    # tl.full converts the float64 scalars exactly (tl.cast would round through float32
+    # in the interpreter), and keeps float32 kernels in float32.
+    eps = tl.full([], eps, ACC_DTYPE)
+    momentum = tl.full([], momentum, ACC_DTYPE)
+    # y = (x - mean) * scale + bias, computed as (x - pivot) * scale + shift: with the
+    # pivot within a few std of the mean, neither term is large (no cancellation) and
+    # x - pivot is exact, where mean itself would be rounded to ACC_DTYPE.
+    if TRAINING:
+        # Every program merges its channels' few partials itself: no finalize launch.
+        splits = tl.arange(0, SPLITS_BLOCK)[:, None]
+        partials = partials_ptr + splits * C + channels[None, :]
+        p_mask = (splits < num_splits) & c_ok[None, :]
+        count, mean_from_pivot, m2 = tl.reduce((tl.load(partials, mask=p_mask, other=0.0),
+                                                tl.load(partials + num_splits * C, mask=p_mask, other=0.0),
+                                                tl.load(partials + 2 * num_splits * C, mask=p_mask, other=0.0)),
+                                               0, _welford_combine)
+        pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)
+        invstd = 1.0 / tl.sqrt(m2 / M + eps)
+        if split == 0:
+            mean = pivot + mean_from_pivot
+            tl.store(save_mean_ptr + channels, mean, mask=c_ok)
+            tl.store(save_invstd_ptr + channels, invstd, mask=c_ok)
+            if HAS_RUNNING_MEAN:
+                old = tl.load(running_mean_ptr + channels, mask=c_ok).to(ACC_DTYPE)
+                new = (1.0 - momentum) * old + momentum * mean
+                tl.store(running_mean_ptr + channels, new.to(running_mean_ptr.dtype.element_ty), mask=c_ok)
+            if HAS_RUNNING_VAR:
+                old = tl.load(running_var_ptr + channels, mask=c_ok).to(ACC_DTYPE)
+                new = (1.0 - momentum) * old + momentum * (m2 / (M - 1))  # unbiased variance
+                tl.store(running_var_ptr + channels, new.to(running_var_ptr.dtype.element_ty), mask=c_ok)
+    else:
+        pivot = tl.load(running_mean_ptr + channels, mask=c_ok, other=0.0).to(ACC_DTYPE)
+        mean_from_pivot = tl.zeros([BLOCK_C], ACC_DTYPE)
+        invstd = 1.0 / tl.sqrt(tl.load(running_var_ptr + channels, mask=c_ok, other=1.0).to(ACC_DTYPE) + eps)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale *= tl.load(w_ptr + channels, mask=c_ok).to(ACC_DTYPE)
+    shift = -mean_from_pivot * scale
+    if HAS_BIAS:
+        shift += tl.load(b_ptr + channels, mask=c_ok).to(ACC_DTYPE)
+    pivot, scale, shift = pivot[None, :], scale[None, :], shift[None, :]
+
+    first_tile = split * tiles_per_split
+    for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles)):
+        n, l_start, l_ok = _tile(tile, l_blocks, L, BLOCK_L)
+        mask = l_ok & c_ok[None, :]
+        x = tl.load(_tile_ptrs(x_ptr, n, l_start, c_start, x_stride_n, x_stride_c, x_stride_l, BLOCK_L, BLOCK_C),
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        y = (x - pivot) * scale + shift
+        if HAS_RESIDUAL:
+            y += tl.load(_tile_ptrs(r_ptr, n, l_start, c_start, r_stride_n, r_stride_c, r_stride_l, BLOCK_L, BLOCK_C),
+                         mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:
+            y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as in torch.relu
+        tl.store(_tile_ptrs(y_ptr, n, l_start, c_start, y_stride_n, y_stride_c, y_stride_l, BLOCK_L, BLOCK_C),
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    dy_ptr,  # grad_output (N, C, L)
+    x_ptr,  # input (N, C, L)
+    y_ptr,  # output (N, C, L), for the ReLU mask; None unless RELU
+    mean_ptr,  # (C,), ACC_DTYPE: the mean the forward normalized with
+    partials_ptr,  # out: (2, num_splits, C), ACC_DTYPE: sum(dy), sum(dy * (x - mean)) of each (split, channel)
+    C,  # channels
+    L,  # positions per sample
+    dy_stride_n, dy_stride_c, dy_stride_l,  # element strides of grad_output,
+    x_stride_n, x_stride_c, x_stride_l,  # input,
+    y_stride_n, y_stride_c, y_stride_l,  # and output
+    l_blocks,  # cdiv(L, BLOCK_L): tiles per sample
+    num_tiles,  # N * l_blocks: tiles per channel block
+    tiles_per_split,  # consecutive tiles one program reduces
+    num_splits,  # programs per channel block
+    RELU: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    split = tl.program_id(1)
+    c_start = tl.program_id(0) * BLOCK_C
+    channels = c_start + tl.arange(0, BLOCK_C)
+    c_ok = channels < C
+    mean = tl.load(mean_ptr + channels, mask=c_ok, other=0.0)[None, :]
+    sum_dy = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
+    sum_dy_xmu = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
+    first_tile = split * tiles_per_split
+    for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles)):
+        n, l_start, l_ok = _tile(tile, l_blocks, L, BLOCK_L)
+        mask = l_ok & c_ok[None, :]
+        dy = tl.load(_tile_ptrs(dy_ptr, n, l_start, c_start, dy_stride_n, dy_stride_c, dy_stride_l, BLOCK_L, BLOCK_C),
+                     mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:  # the ReLU let gradient through only where it let the value through
+            y = tl.load(_tile_ptrs(y_ptr, n, l_start, c_start, y_stride_n, y_stride_c, y_stride_l, BLOCK_L, BLOCK_C),
+                        mask=mask, other=0.0)
+            dy = tl.where(y > 0, dy, 0.0)
+        x = tl.load(_tile_ptrs(x_ptr, n, l_start, c_start, x_stride_n, x_stride_c, x_stride_l, BLOCK_L, BLOCK_C),
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        sum_dy += dy
+        sum_dy_xmu += dy * (x - mean)
+    out = partials_ptr + split * C + channels
+    tl.store(out, tl.sum(sum_dy, 0), mask=c_ok)
+    tl.store(out + num_splits * C, tl.sum(sum_dy_xmu, 0), mask=c_ok)
+
+
+@triton.jit
+def _bn_bwd_kernel(
+    dy_ptr,  # grad_output (N, C, L)
+    x_ptr,  # input (N, C, L), read for training grad_input
+    y_ptr,  # output (N, C, L), for the ReLU mask; None unless RELU
+    dx_ptr,  # out: grad_input (N, C, L), input's dtype; None unless HAS_DX
+    dr_ptr,  # out: grad_residual, strides of grad_input (both are empty_like(input)); None unless HAS_DR
+    w_ptr,  # weight (C,); None unless HAS_WEIGHT
+    mean_ptr,  # (C,), ACC_DTYPE: the statistics the forward normalized with
+    invstd_ptr,  # (C,), ACC_DTYPE
+    partials_ptr,  # (2, num_splits, C) from _bn_bwd_reduce_kernel; None unless HAS_SUMS
+    dw_ptr,  # out: grad_weight (C,); None unless HAS_DW
+    db_ptr,  # out: grad_bias (C,); None unless HAS_DB
+    C,  # channels
+    L,  # positions per sample
+    M,  # values per channel, N * L
+    dy_stride_n, dy_stride_c, dy_stride_l,  # element strides of grad_output,
+    x_stride_n, x_stride_c, x_stride_l,  # input,
+    y_stride_n, y_stride_c, y_stride_l,  # output,
+    dx_stride_n, dx_stride_c, dx_stride_l,  # and grad_input / grad_residual
+    l_blocks,  # cdiv(L, BLOCK_L): tiles per sample
+    num_tiles,  # N * l_blocks: tiles per channel block
+    tiles_per_split,  # consecutive tiles one program writes
+    num_splits,  # partials per channel
+    TRAINING: tl.constexpr,  # mean/invstd were batch statistics: grad_input flows through them too
+    RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SUMS: tl.constexpr,  # partials were computed (grad_weight, grad_bias or training grad_input need them)
+    HAS_DX: tl.constexpr,
+    HAS_DR: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    SPLITS_BLOCK: tl.constexpr,  # next_power_of_2(num_splits)
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    split = tl.program_id(1)
+    c_start = tl.program_id(0) * BLOCK_C
+    channels = c_start + tl.arange(0, BLOCK_C)
+    c_ok = channels < C
+    invstd = tl.load(invstd_ptr + channels, mask=c_ok, other=0.0)
+    if HAS_SUMS:
+        splits = tl.arange(0, SPLITS_BLOCK)[:, None]
+        partials = partials_ptr + splits * C + channels[None, :]
+        p_mask = (splits < num_splits) & c_ok[None, :]
+        sum_dy = tl.sum(tl.load(partials, mask=p_mask, other=0.0), 0)
+        sum_dy_xmu = tl.sum(tl.load(partials + num_splits * C, mask=p_mask, other=0.0), 0)
+        if split == 0:
+            if HAS_DW:
+                tl.store(dw_ptr + channels, (sum_dy_xmu * invstd).to(dw_ptr.dtype.element_ty), mask=c_ok)
+            if HAS_DB:
+                tl.store(db_ptr + channels, sum_dy.to(db_ptr.dtype.element_ty), mask=c_ok)
+
+    if HAS_DX or HAS_DR:
+        scale = invstd
+        if HAS_WEIGHT:
+            scale *= tl.load(w_ptr + channels, mask=c_ok).to(ACC_DTYPE)
+        if HAS_DX and TRAINING:
+            # dx = (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean))) * weight * invstd
+            mean = tl.load(mean_ptr + channels, mask=c_ok, other=0.0)[None, :]
+            mean_dy = (sum_dy / M)[None, :]
+            xmu_coef = (invstd * invstd * sum_dy_xmu / M)[None, :]
+        scale = scale[None, :]
+        first_tile = split * tiles_per_split
+        for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles)):
+            n, l_start, l_ok = _tile(tile, l_blocks, L, BLOCK_L)
+            mask = l_ok & c_ok[None, :]
+            dy = tl.load(_tile_ptrs(dy_ptr, n, l_start, c_start, dy_stride_n, dy_stride_c, dy_stride_l,
+                                    BLOCK_L, BLOCK_C), mask=mask, other=0.0).to(ACC_DTYPE)
+            if RELU:  # the ReLU let gradient through only where it let the value through
+                y = tl.load(_tile_ptrs(y_ptr, n, l_start, c_start, y_stride_n, y_stride_c, y_stride_l,
+                                       BLOCK_L, BLOCK_C), mask=mask, other=0.0)
+                dy = tl.where(y > 0, dy, 0.0)
+            if HAS_DR:
+                tl.store(_tile_ptrs(dr_ptr, n, l_start, c_start, dx_stride_n, dx_stride_c, dx_stride_l,
+                                    BLOCK_L, BLOCK_C), dy.to(dr_ptr.dtype.element_ty), mask=mask)
+            if HAS_DX:
+                if TRAINING:
+                    x = tl.load(_tile_ptrs(x_ptr, n, l_start, c_start, x_stride_n, x_stride_c, x_stride_l,
+                                           BLOCK_L, BLOCK_C), mask=mask, other=0.0).to(ACC_DTYPE)
+                    dx = (dy - mean_dy - (x - mean) * xmu_coef) * scale
+                else:  # eval: mean and invstd are constants
+                    dx = dy * scale
+                tl.store(_tile_ptrs(dx_ptr, n, l_start, c_start, dx_stride_n, dx_stride_c, dx_stride_l,
+                                    BLOCK_L, BLOCK_C), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- host wrappers ----------------------------------------------------------------
+
+_TILE = 2048  # elements per [BLOCK_L, BLOCK_C] tile: 16 per thread at 4 warps
+_NUM_WARPS = 4
+_PROGRAMS_PER_SM = 8  # 32 warps per SM: enough loads in flight for a memory-bound pass
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter runs programs one after another: few programs are fastest, and
+    # _PROGRAMS_PER_SM of them still split the reduction (so the tests cover merging).
+    return 1
+
+
+def _pow2_block(extent: int, lo: int, hi: int) -> int:
+    """The largest power of two in [lo, hi] that pads `extent` by at most 1/8 (padded
+    lanes idle), else the one that pads it least; never above next_power_of_2(extent)."""
+    hi = min(hi, triton.next_power_of_2(extent))
+    blocks = [b for b in (1 << k for k in range(hi.bit_length())) if b >= min(lo, hi)]
+    padding = {b: triton.cdiv(extent, b) * b - extent for b in blocks}
+    fitting = [b for b in blocks if 8 * padding[b] <= extent]
+    return max(fitting) if fitting else min(blocks, key=lambda b: (padding[b], -b))
+
+
+def _merged_stride_l(v: Strided3d) -> Optional[int]:
+    """The stride of position n*L + l when samples and positions merge into one axis
+    (offset(n, l) == (n*L + l) * stride for all n, l), else None."""
+    if v.L == 1:
+        return v.sN
+    if v.N == 1 or v.sN == v.L * v.sL:
+        return v.sL
+    return None
+
+
+class _Plan(NamedTuple):
+    """How one call's (N, C, L) tensors are cut into tiles and programs."""
+
+    L: int  # positions per sample as the kernels see them (N * L when merged)
+    C: int
+    strides: Dict[str, Tuple[int, int, int]]  # per tensor name: element strides (n, c, l); zeros when absent
+    block_l: int
+    block_c: int
+    num_tiles: int  # tiles per channel block
+    tiles_per_split: int
+    num_splits: int  # programs per channel block
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return triton.cdiv(self.C, self.block_c), self.num_splits
+
+    @property
+    def tiling(self) -> Tuple[int, int, int, int]:
+        """The kernels' (l_blocks, num_tiles, tiles_per_split, num_splits) arguments."""
+        return triton.cdiv(self.L, self.block_l), self.num_tiles, self.tiles_per_split, self.num_splits
+
+    @property
+    def meta(self) -> Dict[str, int]:
+        return dict(BLOCK_L=self.block_l, BLOCK_C=self.block_c, num_warps=_NUM_WARPS)
+
+
+def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
+    """Tile shape, split count and per-tensor strides for a call over `tensors` (all of
+    input's shape, "input" among them; None for absent ones). `merges_partials`: each
+    program of the second pass reads all partials of its channels, which caps the splits."""
+    views = {name: view3d(t, name) for name, t in tensors.items() if t is not None}
+    N, C, L = views["input"].N, views["input"].C, views["input"].L
+    M = N * L  # values per channel
+    merged = {name: _merged_stride_l(v) for name, v in views.items()}
+    if all(s is not None for s in merged.values()):
+        num_samples, L = 1, N * L
+        strides = {name: (0, v.sC, merged[name]) for name, v in views.items()}
+    else:
+        num_samples = N
+        strides = {name: (v.sN, v.sC, v.sL) for name, v in views.items()}
+    strides.update({name: (0, 0, 0) for name, t in tensors.items() if t is None})
+
+    # Lanes run along the input's stride-1 axis: channels for channels_last, else
+    # positions; the other axis fills the tile.
+    channels_major = C > 1 and strides["input"][1] == 1
+    if channels_major:
+        block_c = _pow2_block(C, 8, 64)
+        block_l = _pow2_block(L, 1, _TILE // block_c)
+    else:
+        block_l = _pow2_block(L, 32, 1024)
+        block_c = _pow2_block(C, 1, _TILE // block_l)
+
+    def max_splits() -> int:
+        num_tiles = num_samples * triton.cdiv(L, block_l)
+        if not merges_partials:
+            return num_tiles
+        # A second-pass program reads S partials per channel next to its own M/S values:
+        # S <= sqrt(M/48) keeps those (2 or 3 arrays) under 1/16 of its traffic, and
+        # S <= _TILE // block_c keeps the [SPLITS_BLOCK, BLOCK_C] merge no larger than a tile.
+        return max(1, min(num_tiles, math.isqrt(M // 48), _TILE // block_c))
+
+    # More channel blocks cost nothing, more splits cost merging: narrow the channel
+    # block until the grid can fill the GPU (e.g. C = 64 at 112x112, C = 2048 at 7x7).
+    target = _PROGRAMS_PER_SM * _sm_count(tensors["input"].device)
+    while triton.cdiv(C, block_c) * max_splits() < target and block_c > (8 if channels_major else 1):
+        block_c //= 2
+        if channels_major:
+            block_l = _pow2_block(L, 1, _TILE // block_c)
+    num_tiles = num_samples * triton.cdiv(L, block_l)
+    num_splits = min(triton.cdiv(target, triton.cdiv(C, block_c)), max_splits())
+    tiles_per_split = triton.cdiv(num_tiles, num_splits)
+    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
+    return _Plan(L, C, strides, block_l, block_c, num_tiles, tiles_per_split, num_splits)
+
+
+def _tl_acc_dtype(input: Tensor) -> tl.dtype:
+    return tl.float64 if input.dtype == torch.float64 else tl.float32
+
+
+def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+                relu: bool, training: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Both forwards: (output, save_mean, save_invstd), the statistics None in eval."""
+    C = input.shape[1]
+    acc = stat_dtype(input.dtype)
+    output = torch.empty_like(input)
+    save_mean = save_invstd = partials = None
+    if input.numel() == 0:  # empty batch: nothing to normalize, running stats untouched
+        if training:
+            save_mean, save_invstd = input.new_zeros(C, dtype=acc), input.new_zeros(C, dtype=acc)
+        return output, save_mean, save_invstd
+    plan = _plan({"input": input, "residual": residual, "output": output}, merges_partials=training)
+    if training:
+        partials = input.new_empty((3, plan.num_splits, C), dtype=acc)
+        save_mean, save_invstd = input.new_empty(C, dtype=acc), input.new_empty(C, dtype=acc)
+    with torch.cuda.device_of(input):  # Triton launches on the current device
+        if training:
+            _bn_stats_kernel[plan.grid](
+                input, partials, C, plan.L, *plan.strides["input"], *plan.tiling,
+                ACC_DTYPE=_tl_acc_dtype(input), **plan.meta)
+        _bn_fwd_kernel[plan.grid](
+            input, residual, output, weight, bias, running_mean, running_var, partials, save_mean, save_invstd,
+            C, plan.L, input.numel() // C,
+            *plan.strides["input"], *plan.strides["residual"], *plan.strides["output"],
+            *plan.tiling, momentum, eps,
+            TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, HAS_RUNNING_MEAN=running_mean is not None,
+            HAS_RUNNING_VAR=running_var is not None, RELU=relu, ACC_DTYPE=_tl_acc_dtype(input),
+            SPLITS_BLOCK=triton.next_power_of_2(plan.num_splits), **plan.meta)
+    return output, save_mean, save_invstd
+
+
+def bn_forward_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+                     relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """cnnkern::bn_forward_train: act(batch_norm(input) + residual) with batch statistics,
+    returned as (output, save_mean, save_invstd); running stats (if given) are updated in place."""
+    if input.numel() == input.shape[1] > 0:  # the unbiased variance needs two values
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    return _bn_forward(input, weight, bias, residual, running_mean, running_var, momentum, eps, relu, training=True)
+
+
+def bn_forward_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                    running_mean: Tensor, running_var: Tensor, eps: float, relu: bool) -> Tensor:
+    """cnnkern::bn_forward_eval: act(batch_norm(input) + residual) with the running statistics."""
+    return _bn_forward(input, weight, bias, residual, running_mean, running_var, 0.0, eps, relu, training=False)[0]
+
+
+def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], weight: Optional[Tensor],
+                mean: Tensor, invstd: Tensor, training: bool, relu: bool, output_mask: List[bool]
+                ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """cnnkern::bn_backward: (grad_input, grad_weight, grad_bias, grad_residual), None where
+    output_mask is False. `output` is read (for the ReLU mask) only when relu."""
+    need_dx, need_dw, need_db, need_dr = output_mask
+    C = input.shape[1]
+    grad_dtype = weight.dtype if weight is not None else mean.dtype
+    grad_input = torch.empty_like(input) if need_dx else None
+    grad_residual = torch.empty_like(input) if need_dr else None
+    grad_weight = mean.new_empty(C, dtype=grad_dtype) if need_dw else None
+    grad_bias = mean.new_empty(C, dtype=grad_dtype) if need_db else None
+    grads = grad_input, grad_weight, grad_bias, grad_residual
+    has_sums = need_dw or need_db or (need_dx and training)
+    if input.numel() == 0:  # empty batch: the sums are zero
+        for g in (grad_weight, grad_bias):
+            if g is not None:
+                g.zero_()
+        return grads
+    if not (has_sums or need_dx or need_dr):
+        return grads
+    if not relu:
+        output = None  # may be stale or absent; only the ReLU mask reads it
+    plan = _plan({"grad_output": grad_output, "input": input, "output": output,
+                  # grad_input and grad_residual are both empty_like(input): one set of strides
+                  "grad_input": grad_input if need_dx else grad_residual}, merges_partials=has_sums)
+    partials = input.new_empty((2, plan.num_splits, C), dtype=stat_dtype(input.dtype)) if has_sums else None
+    # With neither grad_input nor grad_residual, only the split-0 programs have work.
+    grid = plan.grid if need_dx or need_dr else (plan.grid[0], 1)
+    with torch.cuda.device_of(input):  # Triton launches on the current device
+        if has_sums:
+            _bn_bwd_reduce_kernel[plan.grid](
+                grad_output, input, output, mean, partials, C, plan.L,
+                *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"], *plan.tiling,
+                RELU=relu, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta)
+        _bn_bwd_kernel[grid](
+            grad_output, input, output, grad_input, grad_residual, weight, mean, invstd, partials, grad_weight,
+            grad_bias, C, plan.L, input.numel() // C,
+            *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"],
+            *plan.tiling,
+            TRAINING=training, RELU=relu, HAS_WEIGHT=weight is not None, HAS_SUMS=has_sums, HAS_DX=need_dx,
+            HAS_DR=need_dr, HAS_DW=need_dw, HAS_DB=need_db, ACC_DTYPE=_tl_acc_dtype(input),
+            SPLITS_BLOCK=triton.next_power_of_2(plan.num_splits), **plan.meta)
+    return grads
