@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import batch_norm
-from .timing import copy_bandwidth_gbps, device_name, time_fn
+from .timing import copy_bandwidth_gbps, device_name, keep_freed_cpu_memory, time_fn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 FAMILIES = {"batch_norm": batch_norm}
@@ -103,6 +103,9 @@ def main(argv=None):
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp32"] if device.type == "cuda" else ["fp32"]))]
     name = device_name(device)
     print(f"cnnkern benchmark on {name}; torch {torch.__version__}")
+    kept_freed_memory = device.type == "cpu" and keep_freed_cpu_memory()
+    if device.type == "cpu":
+        print("glibc keeps freed memory: " + ("yes" if kept_freed_memory else "no (not glibc); expect noisier times"))
     copy_gbps = copy_bandwidth_gbps(device, args.quick)
     print(f"copy bandwidth (read + write) measured now: {copy_gbps:.1f} GB/s")
 
@@ -140,7 +143,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"{tag}-{'quick-' if args.quick else ''}{stamp}")
     report = dict(device=name, device_type=device.type, date=stamp, commit=_commit(), versions=_versions(),
-                  quick=args.quick, copy_gbps=copy_gbps, command=" ".join(["python -m bench"] + (argv or sys.argv[1:])),
+                  quick=args.quick, copy_gbps=copy_gbps, cpu_kept_freed_memory=kept_freed_memory, command=" ".join(["python -m bench"] + (argv or sys.argv[1:])),
                   results=results)
     with open(base + ".json", "w") as f:
         json.dump(report, f, indent=1)

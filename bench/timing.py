@@ -3,7 +3,14 @@
 GPU: triton.testing.do_bench, whose runs each start after zeroing a buffer
 larger than L2, so inputs are read from device memory, not from cache.
 CPU: torch.utils.benchmark. Both give the median and the 20th/80th percentiles.
+On the CPU, glibc is first told to keep freed memory (`keep_freed_cpu_memory`):
+otherwise whether a fresh 25 MB output reuses pages or faults them all in again
+depends on the allocator's state, which swung eager's fwd+ReLU from 8 ms to 27 ms
+from one run to the next on the project's CPU machine, and timed the kernel of
+none of the providers.
 """
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -44,6 +51,20 @@ def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timi
     measurement = m.blocked_autorange(min_run_time=0.3 if quick else 1.0)
     times = [t * 1e3 for t in measurement.times]
     return Timing(measurement.median * 1e3, _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Tells glibc malloc to serve large blocks from the heap and never trim it,
+    so freed tensors' pages are reused rather than faulted in anew. True if set."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):  # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mmap_max = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)  # glibc's ceiling for this setting
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_max)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
