@@ -224,18 +224,21 @@ def _bn_bwd_reduce_kernel(
     dy_ptr,  # grad_output (N, C, L)
     x_ptr,  # input (N, C, L)
     y_ptr,  # output (N, C, L), for the ReLU mask; None unless RELU
+    dr_ptr,  # out: grad_residual (N, C, L), the masked dy; None unless HAS_DR
     mean_ptr,  # (C,), ACC_DTYPE: the mean the forward normalized with
     partials_ptr,  # out: (2, num_splits, C), ACC_DTYPE: sum(dy), sum(dy * (x - mean)) of each (split, channel)
     C,  # channels
     L,  # positions per sample
     dy_stride_n, dy_stride_c, dy_stride_l,  # element strides of grad_output,
     x_stride_n, x_stride_c, x_stride_l,  # input,
-    y_stride_n, y_stride_c, y_stride_l,  # and output
+    y_stride_n, y_stride_c, y_stride_l,  # output,
+    dr_stride_n, dr_stride_c, dr_stride_l,  # and grad_residual
     l_blocks,  # cdiv(L, BLOCK_L): tiles per sample
     num_tiles,  # N * l_blocks: tiles per channel block
     tiles_per_split,  # consecutive tiles one program reduces
     num_splits,  # programs per channel block
     RELU: tl.constexpr,
+    HAS_DR: tl.constexpr,  # write grad_residual here, so that _bn_bwd_kernel reads it instead of dy and y
     ACC_DTYPE: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -257,6 +260,9 @@ def _bn_bwd_reduce_kernel(
             y = tl.load(_tile_ptrs(y_ptr, n, l_start, c_start, y_stride_n, y_stride_c, y_stride_l, BLOCK_L, BLOCK_C),
                         mask=mask, other=0.0)
             dy = tl.where(y > 0, dy, 0.0)
+        if HAS_DR:
+            tl.store(_tile_ptrs(dr_ptr, n, l_start, c_start, dr_stride_n, dr_stride_c, dr_stride_l, BLOCK_L, BLOCK_C),
+                     dy.to(dr_ptr.dtype.element_ty), mask=mask)
         x = tl.load(_tile_ptrs(x_ptr, n, l_start, c_start, x_stride_n, x_stride_c, x_stride_l, BLOCK_L, BLOCK_C),
                     mask=mask, other=0.0).to(ACC_DTYPE)
         sum_dy += dy
@@ -268,7 +274,7 @@ def _bn_bwd_reduce_kernel(
 
 @triton.jit
 def _bn_bwd_kernel(
-    dy_ptr,  # grad_output (N, C, L)
+    dy_ptr,  # grad_output (N, C, L), or grad_residual where _bn_bwd_reduce_kernel wrote the masked dy there
     x_ptr,  # input (N, C, L), read for training grad_input
     y_ptr,  # output (N, C, L), for the ReLU mask; None unless RELU
     dx_ptr,  # out: grad_input (N, C, L), input's dtype; None unless HAS_DX
@@ -545,20 +551,26 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
                   # grad_input and grad_residual are both empty_like(input): one set of strides
                   "grad_input": grad_input if need_dx else grad_residual}, merges_partials=has_sums)
     partials = input.new_empty((2, plan.num_splits, C), dtype=stat_dtype(input.dtype)) if has_sums else None
-    # With neither grad_input nor grad_residual, only the split-0 programs have work.
-    grid = plan.grid if need_dx or need_dr else (plan.grid[0], 1)
+    # With a ReLU, the reduction writes grad_residual (the masked dy) and grad_input
+    # is computed from it: one tensor fewer to read than grad_output and output.
+    residual_first = has_sums and relu and need_dr
+    dy, dy_strides = (grad_residual, plan.strides["grad_input"]) if residual_first else \
+        (grad_output, plan.strides["grad_output"])
+    # With neither grad_input nor grad_residual left to write, only the split-0
+    # programs (grad_weight, grad_bias) have work.
+    grid = plan.grid if need_dx or (need_dr and not residual_first) else (plan.grid[0], 1)
     with torch.cuda.device_of(input):  # Triton launches on the current device
         if has_sums:
             _bn_bwd_reduce_kernel[plan.grid](
-                grad_output, input, output, mean, partials, C, plan.L,
-                *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"], *plan.tiling,
-                RELU=relu, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta)
+                grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
+                *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
+                *plan.strides["grad_input"], *plan.tiling,
+                RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta)
         _bn_bwd_kernel[grid](
-            grad_output, input, output, grad_input, grad_residual, weight, mean, invstd, partials, grad_weight,
-            grad_bias, C, plan.L, input.numel() // C,
-            *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"],
-            *plan.tiling,
-            TRAINING=training, RELU=relu, HAS_WEIGHT=weight is not None, HAS_SUMS=has_sums, HAS_DX=need_dx,
-            HAS_DR=need_dr, HAS_DW=need_dw, HAS_DB=need_db, ACC_DTYPE=_tl_acc_dtype(input),
-            SPLITS_BLOCK=triton.next_power_of_2(plan.num_splits), **plan.meta)
+            dy, input, None if residual_first else output, grad_input, None if residual_first else grad_residual,
+            weight, mean, invstd, partials, grad_weight, grad_bias, C, plan.L, input.numel() // C,
+            *dy_strides, *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"], *plan.tiling,
+            TRAINING=training, RELU=relu and not residual_first, HAS_WEIGHT=weight is not None, HAS_SUMS=has_sums,
+            HAS_DX=need_dx, HAS_DR=need_dr and not residual_first, HAS_DW=need_dw, HAS_DB=need_db,
+            ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=triton.next_power_of_2(plan.num_splits), **plan.meta)
     return grads

@@ -10,8 +10,9 @@
 // along the lines, gets its own instantiation, whose line loops vectorize.
 //
 // Training forward reads the input twice (statistics, then normalize), the
-// backward reads its inputs twice (reductions, then grad_input); per-channel
-// work in between is O(C).
+// backward reads its inputs twice (reductions, then grad_input; with a ReLU
+// and grad_residual wanted, the first pass writes grad_residual and the second
+// reads it instead of grad_output and output); per-channel work in between is O(C).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -435,25 +436,33 @@ acc_t relu_grad(const G& g, const Y& y, int64_t k) {
 }
 
 // Per channel: {sum gz for c < C, then sum gz * (x - mean) for c < C}, in double.
+// A defined grad_residual receives gz on the way (it is gz when relu): the
+// elementwise pass then reads it instead of grad_output and output.
 template <typename scalar_t>
 std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
-                              const at::Tensor& output, const at::opmath_type<scalar_t>* mean, bool relu) {
+                              const at::Tensor& output, const at::opmath_type<scalar_t>* mean, bool relu,
+                              const at::Tensor& grad_residual) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<double> sums;
   dispatch_bool(relu, [&](auto do_relu) {
-    dispatch_strides(w, {&grad_output, &input, &output}, [&](auto ts, auto cs) {
-      using TS = decltype(ts);
-      using CS = decltype(cs);
-      constexpr bool kRelu = decltype(do_relu)::value;
-      const auto G = w.lines<const scalar_t, TS>(grad_output);
-      const auto X = w.lines<const scalar_t, TS>(input);
-      const auto Y = w.lines<const scalar_t, TS>(output);
-      const auto Mean = w.per_channel<CS>(mean);
-      sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
-        return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), mean = Mean.line(n, j)](int64_t k) {
-          const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
-          return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
-        };
+    dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
+      dispatch_strides(w, {&grad_output, &input, &output, &grad_residual}, [&](auto ts, auto cs) {
+        using TS = decltype(ts);
+        using CS = decltype(cs);
+        constexpr bool kRelu = decltype(do_relu)::value, kResidual = decltype(want_residual)::value;
+        const auto G = w.lines<const scalar_t, TS>(grad_output);
+        const auto X = w.lines<const scalar_t, TS>(input);
+        const auto Y = w.lines<const scalar_t, TS>(output);
+        const auto DR = w.lines<scalar_t, TS>(grad_residual);
+        const auto Mean = w.per_channel<CS>(mean);
+        sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
+          return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dr = DR.line(n, j),
+                  mean = Mean.line(n, j)](int64_t k) {
+            const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
+            if constexpr (kResidual) dr[k] = static_cast<scalar_t>(gz);
+            return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
+          };
+        });
       });
     });
   });
@@ -534,8 +543,13 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
   for (int64_t c = 0; c < C; ++c) coeffs.scale[c] *= invstd_p[c];
 
   // Eval mode needs the sums only for grad_weight / grad_bias.
-  if (grad_weight.defined() || grad_bias.defined() || (training && grad_input.defined())) {
-    const std::vector<double> sums = grad_sums<scalar_t>(w, grad_output, input, output, mean_p, relu);
+  const bool need_sums = grad_weight.defined() || grad_bias.defined() || (training && grad_input.defined());
+  // With relu, the sums pass writes grad_residual (= gz), and grad_input is
+  // computed from it: one tensor fewer to read than grad_output and output.
+  const bool residual_first = need_sums && relu && grad_residual.defined();
+  if (need_sums) {
+    const std::vector<double> sums = grad_sums<scalar_t>(w, grad_output, input, output, mean_p, relu,
+                                                         residual_first ? grad_residual : at::Tensor());
     const double* sum_gz = sums.data();
     const double* sum_gzxmu = sum_gz + C;
     if (grad_weight.defined()) {
@@ -553,7 +567,12 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
       }
     }
   }
-  if (grad_input.defined() || grad_residual.defined()) {
+  if (residual_first) {
+    if (grad_input.defined()) {
+      grad_elementwise<scalar_t>(w, grad_residual, input, at::Tensor(), training, /*relu=*/false, coeffs, grad_input,
+                                 at::Tensor());
+    }
+  } else if (grad_input.defined() || grad_residual.defined()) {
     grad_elementwise<scalar_t>(w, grad_output, input, output, training, relu, coeffs, grad_input, grad_residual);
   }
 }

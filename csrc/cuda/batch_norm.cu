@@ -19,8 +19,10 @@
 // finalize launch), normalizes, adds the residual, applies ReLU, and the split-0 block of each
 // channel tile writes save_mean / save_invstd and the running stats. Eval forward:
 // bn_forward_kernel alone. Backward: bn_grad_sums_kernel writes partial sums of gz and
-// gz * (x - mean) per (split, channel) when any output needs them; bn_backward_kernel merges them
-// (its split-0 blocks write grad_weight / grad_bias) and writes grad_input / grad_residual.
+// gz * (x - mean) per (split, channel) when any output needs them (with relu, it also writes
+// grad_residual = gz, if wanted); bn_backward_kernel merges them (its split-0 blocks write
+// grad_weight / grad_bias) and writes grad_input (from grad_residual when the first launch wrote
+// it) and grad_residual (when it did not).
 // No block reads what another block of the same launch writes: partials are read only by the
 // next launch on the stream.
 #include "cuda/batch_norm.h"
@@ -513,7 +515,8 @@ __device__ __forceinline__ void load_gz(const T* grad_output, const Strided3d& g
 }
 
 // Backward, launch 1 (when some output needs the sums): per (split, channel), sum(gz) and
-// sum(gz * (x - mean)).
+// sum(gz * (x - mean)). With relu and grad_residual wanted, it also writes grad_residual = gz,
+// which launch 2 then reads in place of grad_output and the output.
 template <typename T, bool kAlongC, int VEC>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     bn_grad_sums_kernel(const T* grad_output,              // g, (N, C, L)
@@ -522,6 +525,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
                         const Strided3d in_view,           // x's view
                         const T* relu_output,              // forward output (relu: gz = g * (y > 0)), or nullptr
                         const Strided3d out_view,          // its view
+                        T* grad_residual,                  // written: gz, same shape, or nullptr
+                        const Strided3d gr_view,           // its view
                         const acc_t<T>* mean,              // (C,) the mean the forward normalized with
                         const Tiling tiling,               // the grid's cover of (N, C, L)
                         const GradPartials<acc_t<T>> out)  // written: (S, C) partial sums
@@ -540,6 +545,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
     Vec<T, VEC> gz[U], x[U];
     load_gz(grad_output, g_view, relu_output, out_view, tile, n, i, count, gz);
+    if (grad_residual) store_step(grad_residual, gr_view, tile, n, i, count, gz);
     load_step(input, in_view, tile, n, i, count, x);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -931,17 +937,28 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   p.grad_bias = static_cast<P*>(a.grad_bias);
   p.count = a.input_view.N * a.input_view.L;
   p.training = a.training;
-  // Without elementwise outputs only the blocks writing grad_weight / grad_bias are needed.
-  const dim3 grid = elementwise ? plan.grid : dim3(plan.grid.x);
+  // With relu, launch 1 writes grad_residual (gz) and launch 2 reads it instead of grad_output
+  // and the output: one tensor fewer to read.
+  const bool residual_first = sums && p.relu_output && p.grad_residual;
+  BackwardParams<T, P> q = p;
+  if (residual_first) {
+    q.grad_output = p.grad_residual;
+    q.g_view = p.gr_view;
+    q.relu_output = nullptr;
+    q.grad_residual = nullptr;
+  }
+  // Without elementwise outputs left, only the blocks writing grad_weight / grad_bias are needed.
+  const dim3 grid = q.grad_input || q.grad_residual ? plan.grid : dim3(plan.grid.x);
   return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
     constexpr bool kAlongC = decltype(along_c)::value;
     constexpr int VEC = decltype(vec)::value;
     if (sums) {
       bn_grad_sums_kernel<T, kAlongC, VEC><<<plan.grid, plan.block, 0, stream>>>(
-          p.grad_output, p.g_view, p.input, p.in_view, p.relu_output, p.out_view, p.mean, plan.tiling, p.partials);
+          p.grad_output, p.g_view, p.input, p.in_view, p.relu_output, p.out_view,
+          residual_first ? p.grad_residual : nullptr, p.gr_view, p.mean, plan.tiling, p.partials);
       if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     }
-    bn_backward_kernel<T, P, kAlongC, VEC><<<grid, plan.block, 0, stream>>>(p, plan.tiling);
+    bn_backward_kernel<T, P, kAlongC, VEC><<<grid, plan.block, 0, stream>>>(q, plan.tiling);
     return cudaGetLastError();
   });
 }
