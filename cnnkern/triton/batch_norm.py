@@ -362,7 +362,8 @@ def _bn_bwd_kernel(
 
 # ---- host wrappers ----------------------------------------------------------------
 
-_TILE = 2048  # elements per [BLOCK_L, BLOCK_C] tile: 16 per thread at 4 warps
+_TILE_BYTES = 8192  # of ACC_DTYPE per [BLOCK_L, BLOCK_C] tile: 2048 float32 values, 16 per thread at
+# 4 warps; 1024 float64 ones, whose accumulators would otherwise spill registers (tests/triton_aot.py)
 _NUM_WARPS = 4
 _PROGRAMS_PER_SM = 8  # 32 warps per SM: enough loads in flight for a memory-bound pass
 
@@ -419,7 +420,9 @@ class _Plan(NamedTuple):
 
     @property
     def meta(self) -> Dict[str, int]:
-        return dict(BLOCK_L=self.block_l, BLOCK_C=self.block_c, num_warps=_NUM_WARPS)
+        # FMA contraction pinned on (as nvcc does for the CUDA kernels): Triton 3.10 turns
+        # its default off, so the same kernels would round differently from one version to the next.
+        return dict(BLOCK_L=self.block_l, BLOCK_C=self.block_c, num_warps=_NUM_WARPS, enable_fp_fusion=True)
 
 
 def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
@@ -427,6 +430,7 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
     input's shape, "input" among them; None for absent ones). `merges_partials`: each
     program of the second pass reads all partials of its channels, which caps the splits."""
     views = {name: view3d(t, name) for name, t in tensors.items() if t is not None}
+    tile = _TILE_BYTES // stat_dtype(tensors["input"].dtype).itemsize  # elements per tile
     N, C, L = views["input"].N, views["input"].C, views["input"].L
     M = N * L  # values per channel
     merged = {name: _merged_stride_l(v) for name, v in views.items()}
@@ -443,10 +447,10 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
     channels_major = C > 1 and strides["input"][1] == 1
     if channels_major:
         block_c = _pow2_block(C, 8, 64)
-        block_l = _pow2_block(L, 1, _TILE // block_c)
+        block_l = _pow2_block(L, 1, tile // block_c)
     else:
         block_l = _pow2_block(L, 32, 1024)
-        block_c = _pow2_block(C, 1, _TILE // block_l)
+        block_c = _pow2_block(C, 1, tile // block_l)
 
     def max_splits() -> int:
         num_tiles = num_samples * triton.cdiv(L, block_l)
@@ -454,8 +458,8 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
             return num_tiles
         # A second-pass program reads S partials per channel next to its own M/S values:
         # S <= sqrt(M/48) keeps those (2 or 3 arrays) under 1/16 of its traffic, and
-        # S <= _TILE // block_c keeps the [SPLITS_BLOCK, BLOCK_C] merge no larger than a tile.
-        return max(1, min(num_tiles, math.isqrt(M // 48), _TILE // block_c))
+        # S <= tile // block_c keeps the [SPLITS_BLOCK, BLOCK_C] merge no larger than a tile.
+        return max(1, min(num_tiles, math.isqrt(M // 48), tile // block_c))
 
     # More channel blocks cost nothing, more splits cost merging: narrow the channel
     # block until the grid can fill the GPU (e.g. C = 64 at 112x112, C = 2048 at 7x7).
@@ -463,7 +467,7 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
     while triton.cdiv(C, block_c) * max_splits() < target and block_c > (8 if channels_major else 1):
         block_c //= 2
         if channels_major:
-            block_l = _pow2_block(L, 1, _TILE // block_c)
+            block_l = _pow2_block(L, 1, tile // block_c)
     num_tiles = num_samples * triton.cdiv(L, block_l)
     num_splits = min(triton.cdiv(target, triton.cdiv(C, block_c)), max_splits())
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
