@@ -144,13 +144,11 @@ def backends() -> Dict[str, BackendInfo]:
     cpu = torch.device("cpu")
     info = {}
     for name in NAMES:
-        if name == "cpu" or (name == "triton" and gpu_reason and triton_interpreted()):
-            device, reason = cpu, None
-        elif name == "reference":
-            device, reason = (cpu if gpu_reason else cuda), None
-        else:
-            device, reason = cuda, gpu_reason
-        reason = reason or refuses(name, device, torch.float32, "bn_forward_train")
+        on_cpu = name == "cpu" or (gpu_reason is not None and (name == "reference" or
+                                                               (name == "triton" and triton_interpreted())))
+        device = cpu if on_cpu else cuda
+        # What is missing from the install (triton, the extension) comes first: it holds on any machine.
+        reason = refuses(name, device, torch.float32, "bn_forward_train") or (None if on_cpu else gpu_reason)
         info[name] = BackendInfo(name, reason is None, reason or f"runs {device.type} tensors")
     return info
 

@@ -1,5 +1,10 @@
 """The backends this machine must run do run (so no test skips by accident), and
 automatic selection never lands on a slow one."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 import cnnkern
@@ -40,3 +45,42 @@ def test_explain_names_every_backend_and_the_choice():
     assert all(name in text for name in NAMES)
     assert "automatic: cpu" in text
     assert "cuda       cannot:" in text
+
+
+def _run_without(module: str, code: str) -> str:
+    """Runs `code` in a fresh interpreter where `import <module>` fails."""
+    blocker = f"import sys; sys.modules[{module!r}] = None\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CNNKERN_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", blocker + code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_imports_and_runs_without_triton():
+    """triton is optional: cnnkern imports, says why the triton backend is off, and the
+    C++ backend still runs."""
+    out = _run_without("triton", textwrap.dedent("""
+        import torch, cnnkern
+        print(cnnkern.backends()["triton"])
+        x = torch.randn(2, 3, 4, 4)
+        y = cnnkern.functional.batch_norm(x, None, None, training=True, activation="relu")
+        print(torch.allclose(y, torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True)), atol=1e-5))
+        """))
+    assert "triton     no   triton is not installed" in out
+    assert out.strip().endswith("True")
+
+
+def test_imports_without_the_extension():
+    """An unbuilt extension leaves the pure-PyTorch reference working and every other
+    backend saying why it cannot run."""
+    out = _run_without("cnnkern._C", textwrap.dedent("""
+        import torch, cnnkern
+        for info in cnnkern.backends().values():
+            print(info)
+        x = torch.randn(2, 3, 4, 4)
+        y = cnnkern.functional.batch_norm(x, None, None, training=True, backend="reference")
+        print(torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5))
+        """))
+    assert "cpu        no   cnnkern._C did not import" in out
+    assert "reference  yes" in out
+    assert out.strip().endswith("True")
