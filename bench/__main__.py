@@ -2,6 +2,7 @@
 eager and torch.compile, prints a table, writes JSON (and a PNG) to bench/results/."""
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -17,19 +18,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 FAMILIES = {"batch_norm": batch_norm}
 
 
-def _csv(s):
-    return [v for v in s.split(",") if v]
+def _csv(choices):
+    """An argparse type: a comma list, each item one of `choices`."""
+    def parse(s):
+        items = [v for v in s.split(",") if v]
+        bad = [v for v in items if v not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{s!r}: expected a comma list of {', '.join(choices)}")
+        return items
+    return parse
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing runs")
-    p.add_argument("--family", type=_csv, default=list(FAMILIES), help=f"comma list of {list(FAMILIES)}")
-    p.add_argument("--provider", type=_csv, default=None, help=f"comma list of {batch_norm.PROVIDERS}")
-    p.add_argument("--dtype", type=_csv, default=None, help="comma list of fp32,bf16,fp16,fp64 "
-                   "(default: bf16,fp32 on a GPU, fp32 on the CPU)")
-    p.add_argument("--layout", type=_csv, default=["nchw", "channels_last"], help="comma list of nchw,channels_last")
-    p.add_argument("--mode", type=_csv, default=None, help=f"comma list of {list(batch_norm.MODES)}")
+    p.add_argument("--family", type=_csv(list(FAMILIES)), default=list(FAMILIES), help=f"comma list of {','.join(FAMILIES)}")
+    p.add_argument("--provider", type=_csv(batch_norm.PROVIDERS), default=None, help=f"comma list of {','.join(batch_norm.PROVIDERS)}")
+    p.add_argument("--dtype", type=_csv(list(DTYPES)), default=None,
+                   help=f"comma list of {','.join(DTYPES)} (default: bf16,fp32 on a GPU, fp32 on the CPU)")
+    p.add_argument("--layout", type=_csv(["nchw", "channels_last"]), default=["nchw", "channels_last"],
+                   help="comma list of nchw,channels_last")
+    p.add_argument("--mode", type=_csv(list(batch_norm.MODES)), default=None, help=f"comma list of {','.join(batch_norm.MODES)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder for JSON/PNG")
     p.add_argument("--no-plot", action="store_true")
@@ -62,16 +71,16 @@ def _progress(i, n, label):
     sys.stderr.flush()
 
 
-def _table(results, copy_gbps):
+def _table(results):
     head = f"{'case':<44} {'provider':<15} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>7} {'%copy':>6} " \
            f"{'x eager':>8} {'x compile':>9} {'mem MB':>7}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r['case']:<44} {r['provider']:<15} {r['median_ms']:>10.4f} "
-            f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gbps']:>7.1f} {100 * r['gbps'] / copy_gbps:>5.0f}% "
+            f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gbps']:>7.1f} {r['pct_of_copy']:>5.0f}% "
             f"{r.get('speedup_vs_eager', float('nan')):>8.2f} {r.get('speedup_vs_compile', float('nan')):>9.2f} "
-            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else float('nan'):>7.1f}")
+            + (f"{r['peak_mem_mb']:>7.1f}" if r["peak_mem_mb"] is not None else f"{'-':>7}"))
     return "\n".join(lines)
 
 
@@ -106,47 +115,60 @@ def main(argv=None):
     kept_freed_memory = device.type == "cpu" and keep_freed_cpu_memory()
     if device.type == "cpu":
         print("glibc keeps freed memory: " + ("yes" if kept_freed_memory else "no (not glibc); expect noisier times"))
-    copy_gbps = copy_bandwidth_gbps(device, args.quick)
-    print(f"copy bandwidth (read + write) measured now: {copy_gbps:.1f} GB/s")
+    copy_gbps = functools.lru_cache(maxsize=None)(lambda nbytes: copy_bandwidth_gbps(device, args.quick, nbytes))
+    if device.type == "cuda":
+        gpu_copy_gbps = copy_gbps(1 << 30)
+        print(f"copy bandwidth (read + write) of 1 GiB measured now: {gpu_copy_gbps:.1f} GB/s")
+        ceiling = lambda case: gpu_copy_gbps  # noqa: E731
+    else:
+        print("copy bandwidth: measured per case, on a copy of one of its tensors (CPU caches are not flushed)")
+        ceiling = lambda case: copy_gbps(case.tensor_bytes)  # noqa: E731
 
+    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    tag = "".join(c if c.isalnum() else "-" for c in (name if device.type == "cuda" else "cpu")).strip("-").lower()
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"{tag}-{'quick-' if args.quick else ''}{stamp}")
     results = []
+    report = dict(device=name, device_type=device.type, date=stamp, commit=_commit(), versions=_versions(),
+                  quick=args.quick, cpu_kept_freed_memory=kept_freed_memory,
+                  command=" ".join(["python -m bench"] + (sys.argv[1:] if argv is None else argv)), results=results)
+
+    def save():  # after every case: a run cut short still leaves what it measured
+        with open(base + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+
     for family in args.family:
         mod = FAMILIES[family]
-        providers = [p for p in (args.provider or mod.PROVIDERS)]
+        providers = args.provider or list(mod.PROVIDERS)
         todo = []
         for case in mod.cases(device, args.quick, dtypes, args.layout, args.mode or list(mod.MODES)):
             for p in providers:
                 reason = mod.provider_refuses(p, device, case.dtype)
                 if reason is None:
                     todo.append((case, p))
-        skipped = {p: mod.provider_refuses(p, device, dtypes[0]) for p in providers}
-        for p, why in skipped.items():
-            if why:
-                print(f"skipping {p}: {why}")
+        for p in providers:
+            for dtype in dtypes:
+                why = mod.provider_refuses(p, device, dtype)
+                if why:
+                    print(f"skipping {p} on {str(dtype)[6:]}: {why}")
         family_results = []
         for i, (case, p) in enumerate(todo):
             _progress(i, len(todo), f"{case.label} {p}")
             t = time_fn(mod.make_fn(p, case, device), device, args.quick)
             gbps = case.bytes / (t.median_ms * 1e-3) / 1e9
+            copy = ceiling(case)
             family_results.append(dict(family=family, case=case.label, mode=case.mode, shape=list(case.shape),
                                        dtype=str(case.dtype)[6:], layout=case.layout, provider=p,
                                        median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                                       bytes=case.bytes, gbps=gbps, pct_of_copy=100 * gbps / copy_gbps,
+                                       bytes=case.bytes, gbps=gbps, copy_gbps=copy, pct_of_copy=100 * gbps / copy,
                                        peak_mem_mb=t.peak_mem_mb))
+            results[:] = [r for r in results if r["family"] != family] + mod.summarize(family_results)
+            save()
         _progress(len(todo), len(todo), "done")
         sys.stderr.write("\n")
-        results += mod.summarize(family_results)
 
-    print(_table(results, copy_gbps))
-    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    tag = "".join(c if c.isalnum() else "-" for c in (name if device.type == "cuda" else "cpu")).strip("-").lower()
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"{tag}-{'quick-' if args.quick else ''}{stamp}")
-    report = dict(device=name, device_type=device.type, date=stamp, commit=_commit(), versions=_versions(),
-                  quick=args.quick, copy_gbps=copy_gbps, cpu_kept_freed_memory=kept_freed_memory, command=" ".join(["python -m bench"] + (argv or sys.argv[1:])),
-                  results=results)
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1)
+    print(_table(results))
+    save()
     print(f"wrote {base}.json")
     if not args.no_plot and results:
         _plot(results, base + ".png", f"{name}, torch {torch.__version__}")

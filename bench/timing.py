@@ -67,11 +67,13 @@ def keep_freed_cpu_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_max)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
-    """Device-memory bandwidth a plain copy reaches (bytes read + written per second):
-    the ceiling memory-bound kernels are measured against."""
-    n = (1 << 28 if device.type == "cuda" else 1 << 25)  # 1 GiB / 128 MiB of float32
-    src = torch.randn(n, device=device)
+def copy_bandwidth_gbps(device: torch.device, quick: bool, nbytes: int) -> float:
+    """Bandwidth a plain copy of `nbytes` reaches (bytes read + written per second):
+    the ceiling memory-bound kernels are measured against. On a GPU, do_bench flushes
+    L2 before every run, so take it large (device memory's rate); on the CPU nothing
+    flushes the caches between runs, so take it the size of the tensors the case moves,
+    which then sit in the same level of cache."""
+    src = torch.randn(max(nbytes // 4, 1), device=device)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, quick)
     return 2 * src.numel() * src.element_size() / (t.median_ms * 1e-3) / 1e9

@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build with CUDA, run the cuda tests and the quick
-# benchmark, leave logs and result JSON in $1 (default $OUT, else bench/results).
+# benchmark, leave logs and the result JSON in $1 (default $OUT, else bench/results).
+# Fits one 10-minute device call: the tests get TEST_BUDGET seconds (default 240),
+# the benchmark what is left of BENCH_BUDGET (default 600 in all), and the benchmark
+# saves its JSON after every case, so a stage cut short still leaves what it measured.
+# Arguments after OUT replace the benchmark's default `--quick` (e.g. `--mode fwd_relu`
+# for the full shapes of one mode); TEST_BUDGET=0 skips the tests.
 # The GPU machines have torch, triton, pytest and ninja but no network: nothing is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench/results}}
+shift || true
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+start=$SECONDS
+stage() { echo "== $1 ($((SECONDS - start)) s in)"; }
+
+stage "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+
+stage "build"
 FORCE_CUDA=1 MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . \
   > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 grep "cnnkern:" "$out/build.log"
-python3 -m pytest -q -rs -m cuda tests 2>&1 | tee "$out/tests_cuda.log" | tail -30
-python3 -m bench --quick --out "$out" --no-plot 2>&1 | tee "$out/bench.log" | tail -60
+
+test_budget=${TEST_BUDGET:-240}
+if [ "$test_budget" -gt 0 ]; then
+  stage "cuda tests"
+  # Several workers: most of the time goes to compiling Triton kernels, on the CPU.
+  timeout "$test_budget" python3 -m pytest -q -rs -n 8 -m cuda tests > "$out/tests_cuda.log" 2>&1
+  echo "pytest exit $? (124: cut at $test_budget s)"
+  tail -25 "$out/tests_cuda.log"
+fi
+
+stage "benchmark"
+left=$(( ${BENCH_BUDGET:-600} - (SECONDS - start) - 15 ))
+bench_args=("$@")
+[ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
+timeout "$left" python3 -m bench --out "$out" --no-plot "${bench_args[@]}" > "$out/bench.log" 2>&1
+echo "bench exit $? (124: cut at $left s)"
+grep -v "^\[" "$out/bench.log" | tail -60
+stage "done"
