@@ -70,28 +70,30 @@ def test_module_is_a_torch_batchnorm():
     assert "activation='relu'" in repr(m)
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+def test_compile_fullgraph(backend, device):
     """torch.compile(fullgraph=True) over conv + fused BN + add + ReLU: no graph
-    break, same outputs and gradients as eager."""
-    require("cpu", "cpu", torch.float32)
+    break, same outputs, gradients and running stats as eager."""
+    require(backend, device, torch.float32)
 
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
-            self.bn = cnnkern.nn.BatchNorm2d(4, activation="relu")
+            self.bn = cnnkern.nn.BatchNorm2d(4, activation="relu", backend=backend)
 
         def forward(self, x):
             return self.bn(self.conv(x), residual=x)
 
-    torch.manual_seed(0)
-    eager = Block()
-    compiled_model = Block()
+    eager = Block().to(device)
+    compiled_model = Block().to(device)
     compiled_model.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
     compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randn(2, 4, 6, 6)
+    x = torch.randn(2, 4, 6, 6, device=device)
     for model in (eager, compiled):
         model(x).square().sum().backward()
     torch.testing.assert_close(compiled(x), eager(x))
     torch.testing.assert_close(compiled_model.conv.weight.grad, eager.conv.weight.grad)
+    torch.testing.assert_close(compiled_model.bn.weight.grad, eager.bn.weight.grad)
     torch.testing.assert_close(compiled_model.bn.running_var, eager.bn.running_var)
