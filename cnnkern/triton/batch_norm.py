@@ -17,6 +17,10 @@ Launches, all on the same (channel block, split) grid:
   backward          _bn_bwd_reduce_kernel per-split sum(dy), sum(dy * (x - mean))
                     _bn_bwd_kernel        merges them, writes grad_input / grad_residual;
                                           split 0 writes grad_weight / grad_bias
+The second passes walk everything backwards (programs in reverse launch order, each
+one's tiles last to first): they start on the tiles the first pass read last, which
+are still in L2, so a tensor that fits in L2 is read from DRAM once, and a larger one
+saves the part that does.
 All arithmetic happens in ACC_DTYPE: float64 for float64 input, else float32.
 """
 import functools
@@ -60,6 +64,15 @@ def _tile_ptrs(ptr, n, l_start, c_start, stride_n, stride_c, stride_l,
 
 
 @triton.jit
+def _program(BACKWARDS: tl.constexpr):
+    """(channel block, split) of this program; a second pass takes them BACKWARDS."""
+    c_block, split = tl.program_id(0), tl.program_id(1)
+    if BACKWARDS:
+        c_block, split = tl.num_programs(0) - 1 - c_block, tl.num_programs(1) - 1 - split
+    return c_block, split
+
+
+@triton.jit
 def _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE: tl.constexpr):
     """x[0, c, 0] for each channel: the statistics are taken of x - pivot. A value of the
     channel is typically within a few std of its mean, so x - pivot is of the order of the
@@ -93,8 +106,8 @@ def _bn_stats_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    c_start = tl.program_id(0) * BLOCK_C
+    c_block, split = _program(BACKWARDS=False)
+    c_start = c_block * BLOCK_C
     channels = c_start + tl.arange(0, BLOCK_C)
     c_ok = channels < C
     pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)[None, :]
@@ -157,8 +170,8 @@ def _bn_fwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    c_start = tl.program_id(0) * BLOCK_C
+    c_block, split = _program(BACKWARDS=True)
+    c_start = c_block * BLOCK_C
     channels = c_start + tl.arange(0, BLOCK_C)
     c_ok = channels < C
     # tl.full converts the float64 scalars exactly (tl.cast would round through float32
@@ -204,7 +217,9 @@ def _bn_fwd_kernel(
     pivot, scale, shift = pivot[None, :], scale[None, :], shift[None, :]
 
     first_tile = split * tiles_per_split
-    for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles)):
+    end_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    for k in range(first_tile, end_tile):
+        tile = first_tile + end_tile - 1 - k  # backwards (module docstring)
         n, l_start, l_ok = _tile(tile, l_blocks, L, BLOCK_L)
         mask = l_ok & c_ok[None, :]
         x = tl.load(_tile_ptrs(x_ptr, n, l_start, c_start, x_stride_n, x_stride_c, x_stride_l, BLOCK_L, BLOCK_C),
@@ -243,8 +258,8 @@ def _bn_bwd_reduce_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    c_start = tl.program_id(0) * BLOCK_C
+    c_block, split = _program(BACKWARDS=False)
+    c_start = c_block * BLOCK_C
     channels = c_start + tl.arange(0, BLOCK_C)
     c_ok = channels < C
     mean = tl.load(mean_ptr + channels, mask=c_ok, other=0.0)[None, :]
@@ -309,8 +324,8 @@ def _bn_bwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    c_start = tl.program_id(0) * BLOCK_C
+    c_block, split = _program(BACKWARDS=True)
+    c_start = c_block * BLOCK_C
     channels = c_start + tl.arange(0, BLOCK_C)
     c_ok = channels < C
     invstd = tl.load(invstd_ptr + channels, mask=c_ok, other=0.0)
@@ -337,7 +352,9 @@ def _bn_bwd_kernel(
             xmu_coef = (invstd * invstd * sum_dy_xmu / M)[None, :]
         scale = scale[None, :]
         first_tile = split * tiles_per_split
-        for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles)):
+        end_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+        for k in range(first_tile, end_tile):
+            tile = first_tile + end_tile - 1 - k  # backwards (module docstring)
             n, l_start, l_ok = _tile(tile, l_blocks, L, BLOCK_L)
             mask = l_ok & c_ok[None, :]
             dy = tl.load(_tile_ptrs(dy_ptr, n, l_start, c_start, dy_stride_n, dy_stride_c, dy_stride_l,

@@ -23,6 +23,7 @@
 // grad_residual = gz, if wanted); bn_backward_kernel merges them (its split-0 blocks write
 // grad_weight / grad_bias) and writes grad_input (from grad_residual when the first launch wrote
 // it) and grad_residual (when it did not).
+// Second launches walk their grid and steps backwards (ThreadTile), to start on data still in L2.
 // No block reads what another block of the same launch writes: partials are read only by the
 // next launch on the stream.
 #include "cuda/batch_norm.h"
@@ -119,25 +120,34 @@ __device__ __forceinline__ int channel_groups() {
   return kAlongC ? blockDim.x : 1;
 }
 
-// The part of the (n, item) space one thread visits, and the channels it belongs to.
-template <bool kAlongC, int VEC>
+// The part of the (n, item) space one thread visits, and the channels it belongs to. A second pass
+// (kBackwards) numbers the blocks backwards and visits each thread's steps last to first: it starts
+// on the data the first pass read last, still in L2, so a tensor that fits in L2 is read from DRAM
+// once, and a larger one saves the part that does.
+template <bool kAlongC, int VEC, bool kBackwards = false>
 struct ThreadTile {
+  static constexpr bool backwards = kBackwards;
   int64_t c;                         // first channel (along C the thread's VEC channels start here)
   bool channel_ok;                   // c < C: false only for the padding groups of the last tile along C
+  bool first_split;                  // the block holds split 0 of its channels: one block per channel tile
   int64_t n_begin, n_end, n_step;    // batch indices n_begin, n_begin + n_step, ... < n_end
   int64_t i_begin, i_end, i_stride;  // items i_begin, i_begin + i_stride, ... < i_end
 
   __device__ explicit ThreadTile(const Tiling& t) {
-    const int64_t n0 = int64_t(blockIdx.y) * t.n_per_split;
-    const int64_t i0 = int64_t(blockIdx.z) * t.items_per_split;
+    const int64_t bx = kBackwards ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int64_t by = kBackwards ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
+    const int64_t bz = kBackwards ? gridDim.z - 1 - blockIdx.z : blockIdx.z;
+    first_split = by == 0 && bz == 0;
+    const int64_t n0 = by * t.n_per_split;
+    const int64_t i0 = bz * t.items_per_split;
     n_end = n0 + t.n_per_split < t.N ? n0 + t.n_per_split : t.N;
     i_end = i0 + t.items_per_split < t.items ? i0 + t.items_per_split : t.items;
     if (kAlongC) {
-      c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+      c = (bx * blockDim.x + threadIdx.x) * VEC;
       n_begin = n0, n_step = 1;
       i_begin = i0 + threadIdx.y, i_stride = blockDim.y;
     } else {
-      c = blockIdx.x;
+      c = bx;
       n_begin = n0 + threadIdx.y, n_step = blockDim.y;
       i_begin = i0 + threadIdx.x, i_stride = blockDim.x;
     }
@@ -151,12 +161,16 @@ struct ThreadTile {
 };
 
 // Calls visit(n, i, count) for each step of the thread's tile: the items i + u * i_stride for
-// u < count <= U (count < U only for the last step of an n).
+// u < count <= U (count < U only for the last step of an n); last to first when Tile::backwards.
 template <int U, class Tile, class Visit>
 __device__ __forceinline__ void for_each_step(const Tile& t, Visit&& visit) {
-  if (!t.channel_ok) return;
-  for (int64_t n = t.n_begin; n < t.n_end; n += t.n_step) {
-    for (int64_t i = t.i_begin; i < t.i_end; i += U * t.i_stride) {
+  if (!t.channel_ok || t.n_begin >= t.n_end || t.i_begin >= t.i_end) return;
+  const int64_t i_step = U * t.i_stride;
+  const int64_t n_last = t.n_begin + (t.n_end - 1 - t.n_begin) / t.n_step * t.n_step;
+  const int64_t i_last = t.i_begin + (t.i_end - 1 - t.i_begin) / i_step * i_step;
+  const int64_t n_inc = Tile::backwards ? -t.n_step : t.n_step, i_inc = Tile::backwards ? -i_step : i_step;
+  for (int64_t n = Tile::backwards ? n_last : t.n_begin; n >= t.n_begin && n <= n_last; n += n_inc) {
+    for (int64_t i = Tile::backwards ? i_last : t.i_begin; i >= t.i_begin && i <= i_last; i += i_inc) {
       int count = 0;
 #pragma unroll
       for (int u = 0; u < U; ++u) count += i + u * t.i_stride < t.i_end;
@@ -437,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   constexpr int K = kAlongC ? VEC : 1;
   constexpr int kPerItem = VEC / K;
   constexpr int U = items_per_step(sizeof(T) * VEC);
-  const ThreadTile<kAlongC, VEC> tile(tiling);
+  const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
   const int groups = channel_groups<kAlongC>();
   const int rank = thread_rank();
 
@@ -459,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       coef[rank][1][k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
       coef[rank][2][k] = p.bias ? to_acc(p.bias[c]) : A(0);
       // One block per channel tile publishes the batch statistics.
-      if (kTraining && blockIdx.y == 0 && blockIdx.z == 0) {
+      if (kTraining && tile.first_split) {
         p.save_mean[c] = mean;
         p.save_invstd[c] = invstd;
         const A keep = A(1) - p.momentum;
@@ -600,7 +614,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   constexpr int K = kAlongC ? VEC : 1;
   constexpr int kPerItem = VEC / K;
   constexpr int U = items_per_step(sizeof(T) * VEC);
-  const ThreadTile<kAlongC, VEC> tile(tiling);
+  const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
   const int groups = channel_groups<kAlongC>();
   const int rank = thread_rank();
 
@@ -612,7 +626,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   __shared__ A coef[32][4][K];
   if (rank < groups && tile.channel_ok) {
     const A m = A(p.count);
-    const bool publish = blockIdx.y == 0 && blockIdx.z == 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int64_t c = tile.c + k;
@@ -621,8 +634,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       coef[rank][1][k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
       coef[rank][2][k] = p.training ? sums.gz[k] / m : A(0);
       coef[rank][3][k] = p.training ? invstd * invstd * (sums.gzxmu[k] / m) : A(0);
-      if (publish && p.grad_weight) p.grad_weight[c] = from_acc<P>(sums.gzxmu[k] * invstd);
-      if (publish && p.grad_bias) p.grad_bias[c] = from_acc<P>(sums.gz[k]);
+      if (tile.first_split && p.grad_weight) p.grad_weight[c] = from_acc<P>(sums.gzxmu[k] * invstd);
+      if (tile.first_split && p.grad_bias) p.grad_bias[c] = from_acc<P>(sums.gz[k]);
     }
   }
   __syncthreads();
