@@ -85,25 +85,34 @@ def _table(results):
 
 
 def _plot(results, path, title):
+    """Speedup against eager per case, one panel per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys(r["case"] for r in results))
+    modes = list(dict.fromkeys(r["mode"] for r in results))
     providers = [p for p in dict.fromkeys(r["provider"] for r in results) if p != "eager"]
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases) * max(1, len(providers))), 5))
+    cols = min(3, len(modes))
+    rows = -(-len(modes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     width = 0.8 / max(1, len(providers))
-    for j, p in enumerate(providers):
-        vals = {r["case"]: r.get("speedup_vs_eager", 0) for r in results if r["provider"] == p}
-        ax.bar([i + j * width for i in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=p)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speedup vs PyTorch eager (median)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    for ax, mode in zip(axes.flat, modes):
+        cases = list(dict.fromkeys(r["case"] for r in results if r["mode"] == mode))
+        for j, p in enumerate(providers):
+            vals = {r["case"]: r.get("speedup_vs_eager", 0) for r in results if r["provider"] == p}
+            ax.bar([i + j * width for i in range(len(cases))], [vals.get(c, 0) for c in cases], width, label=p)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        labels = [c.split(" ", 1)[1].replace("channels_last", "CL") for c in cases]
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(mode, fontsize=9)
+        ax.set_ylabel("speedup vs eager (median)", fontsize=8)
+    for ax in list(axes.flat)[len(modes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
