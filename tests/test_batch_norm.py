@@ -196,3 +196,20 @@ def test_partial_grads(backend, device, wanted, training, layout):
         xs, rms, rvs, ws, bs, training, 0.1, 1e-5, rs, "relu"))
     for name, o, e in zip(wanted, ours, oracle):
         torch.testing.assert_close(o, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cpu_channel_blocks(threads, training):
+    """With enough NCHW channels for every thread, the CPU kernels give each thread
+    blocks of channels through both passes (by_channel_blocks); 3 threads split 13
+    channels unevenly. Whatever the machine's thread count, this path is covered."""
+    require("cpu", "cpu", torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = make_input((3, 13, 5, 7), torch.float64, "cpu", "nchw")
+        run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=training)
+        run_and_compare("cpu", "cpu", x, training=training)
+    finally:
+        torch.set_num_threads(previous)

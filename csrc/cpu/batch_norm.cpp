@@ -12,7 +12,9 @@
 // Training forward reads the input twice (statistics, then normalize), the
 // backward reads its inputs twice (reductions, then grad_input; with a ReLU
 // and grad_residual wanted, the first pass writes grad_residual and the second
-// reads it instead of grad_output and output); per-channel work in between is O(C).
+// reads it instead of grad_output and output); per-channel work in between is
+// O(C). Along L, a thread takes blocks of channels through both passes, so that
+// the second reads what the first left in its cache (by_channel_blocks).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,6 +30,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 #include "bn_checks.h"
 
@@ -80,12 +84,15 @@ inline bool walk_along_c(const Strided3d& x) {
   return x.sC < x.sL;
 }
 
-// Lines (n, j) for n < N, j < J, each `len` elements long: j = channel and
-// len = L when walking along L, j = spatial index and len = C along C.
+// Lines (n, j) for n < N, each `len` elements long: j = channel and len = L
+// when walking along L, j = spatial index and len = C along C. A walk covers
+// channels [c0, c0 + nc): all of them, or along L a block of them (channels()).
 struct Walk {
   bool along_c;
   int64_t N, C, J, len, segs;
-  int64_t M;  // values per channel: N * L
+  int64_t M;       // values per channel: N * L
+  int64_t c0, nc;  // the channels covered
+  int64_t j0;      // first line index: c0 along L, 0 along C
 
   explicit Walk(const Strided3d& x)
       : along_c(walk_along_c(x)),
@@ -94,7 +101,19 @@ struct Walk {
         J(along_c ? x.L : x.C),
         len(along_c ? x.C : x.L),
         segs((len + kSegment - 1) / kSegment),
-        M(x.N * x.L) {}
+        M(x.N * x.L),
+        c0(0),
+        nc(x.C),
+        j0(0) {}
+
+  // The same walk over channels [begin, end) (along L only: along C every line holds every channel).
+  Walk channels(int64_t begin, int64_t end) const {
+    TORCH_INTERNAL_ASSERT(!along_c && 0 <= begin && begin < end && end <= C);
+    Walk part = *this;
+    part.c0 = part.j0 = begin;
+    part.nc = part.J = end - begin;
+    return part;
+  }
 
   int64_t items() const { return N * J * segs; }
   // Segments per parallel chunk: about GRAIN_SIZE elements, so small tensors stay on one thread.
@@ -108,7 +127,7 @@ struct Walk {
     int64_t seg = begin % segs, j = begin / segs % J, n = begin / segs / J;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t k0 = seg * kSegment;
-      f(n, j, k0, std::min(k0 + kSegment, len));
+      f(n, j0 + j, k0, std::min(k0 + kSegment, len));
       if (++seg == segs) {
         seg = 0;
         if (++j == J) j = 0, ++n;
@@ -192,8 +211,8 @@ void for_each_element(const Walk& w, const LineFn& line_fn) {
 // vector registers, so that the adds pipeline instead of each waiting on the last.
 constexpr int64_t kLanes = 16;
 
-// Adds the sums of the pairs of segments [begin, end) of L lines to sums[j]
-// and sums[C + j]. The elements of a line are all channel j's.
+// Adds the sums of the pairs of segments [begin, end) of L lines to sums[j - c0]
+// and sums[nc + j - c0]. The elements of a line are all channel j's.
 template <typename acc_t, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
                                                 double* sums) {
@@ -214,8 +233,8 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
       a[v] += ab.first;
       b[v] += ab.second;
     }
-    sums[j] += std::accumulate(a.begin(), a.end(), 0.0);
-    sums[w.C + j] += std::accumulate(b.begin(), b.end(), 0.0);
+    sums[j - w.c0] += std::accumulate(a.begin(), a.end(), 0.0);
+    sums[w.nc + j - w.c0] += std::accumulate(b.begin(), b.end(), 0.0);
   });
 }
 
@@ -224,7 +243,7 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
 constexpr int64_t kFoldLines = 256;
 
 // Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
-// and sums[C + c]. Element k of a line is channel k's.
+// and sums[C + c]. Element k of a line is channel k's (and the walk covers all C).
 template <typename acc_t, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
                                                 double* sums) {
@@ -248,31 +267,60 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   fold();
 }
 
-// Per-channel sums of the pair (a, b) that line_fn(n, j)(k) yields per element:
-// {sum a for c < C, then sum b for c < C}. Partial sums are acc_t (vector-wide,
-// fast) over at most a segment or kFoldLines lines, folded into per-thread double
-// sums (accurate whatever N * L), which are combined at the end.
+// Per-channel sums of the pair (a, b) that line_fn(n, j)(k) yields per element,
+// for the walk's channels c0 + i, i < nc: {sum a for each, then sum b for each}.
+// Partial sums are acc_t (vector-wide, fast) over at most a segment or
+// kFoldLines lines, folded into per-thread double sums (accurate whatever N * L),
+// which are combined at the end.
 // ChannelStride tells where the channel is: j on an L line, k on a C line.
 template <typename acc_t, typename ChannelStride, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
-  const int64_t C = w.C;
+  const int64_t size = 2 * w.nc;
   const int nthreads = at::get_num_threads();
-  std::vector<double> thread_sums(nthreads * 2 * C, 0.0);
+  std::vector<double> thread_sums(nthreads * size, 0.0);
   at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid < nthreads);
-    double* sums = thread_sums.data() + tid * 2 * C;
+    double* sums = thread_sums.data() + tid * size;
     if constexpr (std::is_same_v<ChannelStride, Bcast>) {
       sum_segments_along_l<acc_t>(w, begin, end, line_fn, sums);
     } else {
       sum_segments_along_c<acc_t>(w, begin, end, line_fn, sums);
     }
   });
-  std::vector<double> total(2 * C, 0.0);
+  std::vector<double> total(size, 0.0);
   for (int t = 0; t < nthreads; ++t) {
-    for (int64_t i = 0; i < 2 * C; ++i) total[i] += thread_sums[t * 2 * C + i];
+    for (int64_t i = 0; i < size; ++i) total[i] += thread_sums[t * size + i];
   }
   return total;
+}
+
+// ---- channel blocks -------------------------------------------------------------
+
+// Along L every line holds one channel, so a thread can take a block of channels
+// through both passes of an op while the block's data is still in its L2: the
+// second pass then reads cache, not memory (ATen's own schedule for NCHW). Used
+// when every thread gets whole channels and one channel's first-pass data fits
+// half an L2; otherwise each pass runs over the whole tensor cut into segments,
+// which keeps every thread busy however few channels or long lines there are.
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;  // 1 MiB where the OS does not say
+  }();
+  return bytes;
+}
+
+// Calls f(part) for blocks of channels in parallel (each block's two passes on one
+// thread), or f(w) once; bytes_per_channel: what one channel's first pass touches.
+template <typename F>
+void by_channel_blocks(const Walk& w, int64_t bytes_per_channel, const F& f) {
+  const int64_t budget = l2_bytes() / 2, threads = at::get_num_threads();
+  if (w.along_c || w.C < 2 * threads || bytes_per_channel > budget) return f(w);
+  const int64_t block = std::clamp<int64_t>(budget / bytes_per_channel, 1, w.C / (2 * threads));
+  at::parallel_for(0, w.C, block, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; c += block) f(w.channels(c, std::min(c + block, end)));
+  });
 }
 
 // ---- per-channel parameters ---------------------------------------------------
@@ -304,24 +352,20 @@ struct Affine {
 
 // ---- forward ------------------------------------------------------------------
 
-// Per-channel mean and biased variance, in double, in one read of the input.
-// The sums are of x - ref_c, ref_c = x[0, c, 0]: shifted by a value of the
-// channel, they are sums of deviations, so the variance does not cancel away
-// when |mean| >> std (accurate while |ref_c - mean| is a few std).
+// Per-channel sums of x - ref_c and (x - ref_c)^2 over the walk's channels, in
+// double, in one read of the input ({first sums, then second sums}, as
+// channel_sums). ref_c = x[0, c, 0]: shifted by a value of the channel, they are
+// sums of deviations, so the variance does not cancel away when |mean| >> std
+// (accurate while |ref_c - mean| is a few std).
 template <typename scalar_t>
-std::pair<std::vector<double>, std::vector<double>> batch_stats(const Walk& w, const at::Tensor& input) {
+std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const at::opmath_type<scalar_t>* ref) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Strided3d xv = view3d(input, "input");
-  const scalar_t* x = input.data_ptr<scalar_t>();
-  std::vector<acc_t> ref(w.C);
-  for (int64_t c = 0; c < w.C; ++c) ref[c] = x[c * xv.sC];
-
   std::vector<double> sums;
   dispatch_strides(w, {&input}, [&](auto ts, auto cs) {
     using TS = decltype(ts);
     using CS = decltype(cs);
     const auto X = w.lines<const scalar_t, TS>(input);
-    const auto Ref = w.per_channel<CS>(static_cast<const acc_t*>(ref.data()));
+    const auto Ref = w.per_channel<CS>(ref);
     sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
       return [x = X.line(n, j), ref = Ref.line(n, j)](int64_t k) {
         const acc_t d = static_cast<acc_t>(x[k]) - ref[k];
@@ -329,14 +373,7 @@ std::pair<std::vector<double>, std::vector<double>> batch_stats(const Walk& w, c
       };
     });
   });
-
-  std::vector<double> mean(w.C), var(w.C);
-  for (int64_t c = 0; c < w.C; ++c) {
-    const double d = sums[c] / w.M;  // mean - ref_c
-    mean[c] = ref[c] + d;
-    var[c] = std::max(sums[w.C + c] / w.M - d * d, 0.0);
-  }
-  return {mean, var};
+  return sums;
 }
 
 // The normalize pass of both forwards: output = act((x - mean) * scale + shift + r).
@@ -377,34 +414,37 @@ void bn_forward_train_kernel_impl(const at::Tensor& input, const at::Tensor& wei
                                   const at::Tensor& output, const at::Tensor& save_mean,
                                   const at::Tensor& save_invstd) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Walk w(view3d(input, "input"));
+  const Strided3d xv = view3d(input, "input");
+  const Walk w(xv);
   const int64_t C = w.C;
-  const auto [mean, var] = batch_stats<scalar_t>(w, input);
+  std::vector<acc_t> ref(C);
+  for (int64_t c = 0; c < C; ++c) ref[c] = input.data_ptr<scalar_t>()[c * xv.sC];
 
-  Affine<acc_t> affine{{}, param_or<acc_t, param_t>(weight, C, 1), param_or<acc_t, param_t>(bias, C, 0)};
+  Affine<acc_t> affine{std::vector<acc_t>(C), param_or<acc_t, param_t>(weight, C, 1),
+                       param_or<acc_t, param_t>(bias, C, 0)};
   acc_t* save_mean_p = save_mean.data_ptr<acc_t>();
   acc_t* save_invstd_p = save_invstd.data_ptr<acc_t>();
-  for (int64_t c = 0; c < C; ++c) {
-    save_mean_p[c] = static_cast<acc_t>(mean[c]);
-    save_invstd_p[c] = static_cast<acc_t>(1.0 / std::sqrt(var[c] + eps));
-    affine.scale[c] *= save_invstd_p[c];
-  }
-  affine.mean.assign(save_mean_p, save_mean_p + C);
-
+  param_t* rm = running_mean.defined() ? running_mean.data_ptr<param_t>() : nullptr;
+  param_t* rv = running_var.defined() ? running_var.data_ptr<param_t>() : nullptr;
   // In acc_t, stored in param_t, as F.batch_norm; running_var takes the unbiased variance.
   const acc_t keep = static_cast<acc_t>(1 - momentum), take = static_cast<acc_t>(momentum);
-  if (running_mean.defined()) {
-    param_t* rm = running_mean.data_ptr<param_t>();
-    for (int64_t c = 0; c < C; ++c) rm[c] = keep * static_cast<acc_t>(rm[c]) + take * save_mean_p[c];
-  }
-  if (running_var.defined()) {
-    param_t* rv = running_var.data_ptr<param_t>();
-    const double unbias = static_cast<double>(w.M) / (w.M - 1);
-    for (int64_t c = 0; c < C; ++c)
-      rv[c] = keep * static_cast<acc_t>(rv[c]) + take * static_cast<acc_t>(var[c] * unbias);
-  }
+  const double unbias = static_cast<double>(w.M) / (w.M - 1);
 
-  normalize<scalar_t>(w, input, residual, relu, affine, output);
+  by_channel_blocks(w, w.M * input.element_size(), [&](const Walk& part) {
+    const std::vector<double> sums = shifted_sums<scalar_t>(part, input, ref.data());
+    for (int64_t i = 0; i < part.nc; ++i) {
+      const int64_t c = part.c0 + i;
+      const double d = sums[i] / w.M;  // mean - ref_c
+      const double var = std::max(sums[part.nc + i] / w.M - d * d, 0.0);
+      save_mean_p[c] = static_cast<acc_t>(ref[c] + d);
+      save_invstd_p[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+      affine.mean[c] = save_mean_p[c];
+      affine.scale[c] *= save_invstd_p[c];
+      if (rm) rm[c] = keep * static_cast<acc_t>(rm[c]) + take * save_mean_p[c];
+      if (rv) rv[c] = keep * static_cast<acc_t>(rv[c]) + take * static_cast<acc_t>(var * unbias);
+    }
+    normalize<scalar_t>(part, input, residual, relu, affine, output);
+  });
 }
 
 template <typename scalar_t, typename param_t>
@@ -435,7 +475,7 @@ acc_t relu_grad(const G& g, const Y& y, int64_t k) {
   }
 }
 
-// Per channel: {sum gz for c < C, then sum gz * (x - mean) for c < C}, in double.
+// Per channel of the walk: {sum gz for each, then sum gz * (x - mean) for each}, in double.
 // A defined grad_residual receives gz on the way (it is gz when relu): the
 // elementwise pass then reads it instead of grad_output and output.
 template <typename scalar_t>
@@ -541,40 +581,43 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
   GradCoeffs<acc_t> coeffs{mean_p, std::vector<acc_t>(C, 0), std::vector<acc_t>(C, 0),
                            param_or<acc_t, param_t>(weight, C, 1)};
   for (int64_t c = 0; c < C; ++c) coeffs.scale[c] *= invstd_p[c];
+  param_t* gw = grad_weight.defined() ? grad_weight.data_ptr<param_t>() : nullptr;
+  param_t* gb = grad_bias.defined() ? grad_bias.data_ptr<param_t>() : nullptr;
 
   // Eval mode needs the sums only for grad_weight / grad_bias.
-  const bool need_sums = grad_weight.defined() || grad_bias.defined() || (training && grad_input.defined());
+  const bool need_sums = gw || gb || (training && grad_input.defined());
   // With relu, the sums pass writes grad_residual (= gz), and grad_input is
   // computed from it: one tensor fewer to read than grad_output and output.
   const bool residual_first = need_sums && relu && grad_residual.defined();
-  if (need_sums) {
-    const std::vector<double> sums = grad_sums<scalar_t>(w, grad_output, input, output, mean_p, relu,
+  const auto elementwise = [&](const Walk& part) {
+    if (residual_first) {
+      if (grad_input.defined()) {
+        grad_elementwise<scalar_t>(part, grad_residual, input, at::Tensor(), training, /*relu=*/false, coeffs,
+                                   grad_input, at::Tensor());
+      }
+    } else if (grad_input.defined() || grad_residual.defined()) {
+      grad_elementwise<scalar_t>(part, grad_output, input, output, training, relu, coeffs, grad_input, grad_residual);
+    }
+  };
+  if (!need_sums) return elementwise(w);
+
+  // The sums pass reads grad_output, input and (relu) output, and may write grad_residual.
+  const int64_t first_pass_tensors = 2 + relu + residual_first;
+  by_channel_blocks(w, first_pass_tensors * w.M * input.element_size(), [&](const Walk& part) {
+    const std::vector<double> sums = grad_sums<scalar_t>(part, grad_output, input, output, mean_p, relu,
                                                          residual_first ? grad_residual : at::Tensor());
-    const double* sum_gz = sums.data();
-    const double* sum_gzxmu = sum_gz + C;
-    if (grad_weight.defined()) {
-      param_t* gw = grad_weight.data_ptr<param_t>();
-      for (int64_t c = 0; c < C; ++c) gw[c] = static_cast<acc_t>(sum_gzxmu[c]) * invstd_p[c];
-    }
-    if (grad_bias.defined()) {
-      param_t* gb = grad_bias.data_ptr<param_t>();
-      for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<acc_t>(sum_gz[c]);
-    }
-    if (training) {
-      for (int64_t c = 0; c < C; ++c) {
-        coeffs.mean_gz[c] = static_cast<acc_t>(sum_gz[c] / w.M);
-        coeffs.proj[c] = static_cast<acc_t>(sum_gzxmu[c] / w.M) * invstd_p[c] * invstd_p[c];
+    for (int64_t i = 0; i < part.nc; ++i) {
+      const int64_t c = part.c0 + i;
+      const double sum_gz = sums[i], sum_gzxmu = sums[part.nc + i];
+      if (gw) gw[c] = static_cast<acc_t>(sum_gzxmu) * invstd_p[c];
+      if (gb) gb[c] = static_cast<acc_t>(sum_gz);
+      if (training) {
+        coeffs.mean_gz[c] = static_cast<acc_t>(sum_gz / w.M);
+        coeffs.proj[c] = static_cast<acc_t>(sum_gzxmu / w.M) * invstd_p[c] * invstd_p[c];
       }
     }
-  }
-  if (residual_first) {
-    if (grad_input.defined()) {
-      grad_elementwise<scalar_t>(w, grad_residual, input, at::Tensor(), training, /*relu=*/false, coeffs, grad_input,
-                                 at::Tensor());
-    }
-  } else if (grad_input.defined() || grad_residual.defined()) {
-    grad_elementwise<scalar_t>(w, grad_output, input, output, training, relu, coeffs, grad_input, grad_residual);
-  }
+    elementwise(part);
+  });
 }
 
 // ---- registered ops: checks, allocation, dispatch ------------------------------
