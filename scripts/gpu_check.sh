@@ -2,8 +2,9 @@
 # One call on a GPU machine: build with CUDA, run the cuda tests and the quick
 # benchmark, leave logs and the result JSON in $1 (default $OUT, else bench/results).
 # Fits one 10-minute device call: the tests get TEST_BUDGET seconds (default 240),
-# the benchmark what is left of BENCH_BUDGET (default 600 in all), and the benchmark
-# saves its JSON after every case, so a stage cut short still leaves what it measured.
+# the DRAM-traffic check (bench/dram.py, under ncu) DRAM_BUDGET (default 90), the
+# benchmark what is left of BENCH_BUDGET (default 600 in all); the benchmark saves its
+# JSON after every case, so a stage cut short still leaves what it measured.
 # Arguments after OUT replace the benchmark's default `--quick` (e.g. `--mode fwd_relu`
 # for the full shapes of one mode); TEST_BUDGET=0 skips the tests.
 # The GPU machines have torch, triton, pytest and ninja but no network: nothing is installed.
@@ -34,11 +35,19 @@ if [ "$test_budget" -gt 0 ]; then
   tail -25 "$out/tests_cuda.log"
 fi
 
+dram_budget=${DRAM_BUDGET:-90}
 stage "benchmark"
-left=$(( ${BENCH_BUDGET:-600} - (SECONDS - start) - 15 ))
+left=$(( ${BENCH_BUDGET:-600} - (SECONDS - start) - dram_budget - 15 ))
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
 timeout "$left" python3 -m bench --out "$out" --no-plot "${bench_args[@]}" > "$out/bench.log" 2>&1
 echo "bench exit $? (124: cut at $left s)"
 grep -v "^\[" "$out/bench.log" | tail -60
+
+if [ "$dram_budget" -gt 0 ]; then
+  stage "DRAM traffic (ncu)"
+  timeout "$dram_budget" python3 -m bench.dram --out "$out" > "$out/dram.log" 2>&1
+  echo "dram exit $? (124: cut at $dram_budget s)"
+  cat "$out/dram.log"
+fi
 stage "done"

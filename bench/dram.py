@@ -1,0 +1,139 @@
+"""DRAM bytes each batch-norm kernel moves, read by Nsight Compute, next to the bytes
+the model says must move (bench/NOTES.md): whether a second pass reads from L2.
+
+    python -m bench.dram [--shape 128,256,56,56] [--dtype bf16] [--out DIR]
+
+runs itself under `ncu` (one process; each measured call is a cudaProfilerStart/Stop
+window, after a warm-up call that compiles and allocates) and prints a table per
+call: its kernels, DRAM MB read and written, time, and the total against the model.
+ncu runs with `--cache-control none`: its default flushes L2 before every kernel,
+which would hide exactly the reuse under test. Needs a GPU and ncu on the PATH.
+"""
+import argparse
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+
+import torch
+
+from .batch_norm import MODES
+
+METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum")
+KERNELS_PER_CALL = 2  # both backends: a reduction pass, then an elementwise pass
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _calls(shape, dtype):
+    """(label, model bytes, thunk) of each measured call: every backend that runs here x
+    both layouts x (training forward with ReLU, backward with residual and ReLU)."""
+    from cnnkern.backends import refuses
+
+    C = shape[1]
+    p = torch.float32
+    for backend in ("cuda", "triton"):
+        if refuses(backend, torch.device("cuda"), dtype, "bn_forward_train"):
+            continue
+        ops = torch.ops.cnnkern
+        prefix = "triton_" if backend == "triton" else ""
+        forward, backward = getattr(ops, prefix + "bn_forward_train"), getattr(ops, prefix + "bn_backward")
+        for layout in ("nchw", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+            g = torch.randn_like(x)
+            w, b = torch.rand(C, device="cuda", dtype=p) + 0.5, torch.randn(C, device="cuda", dtype=p)
+            rm, rv = torch.zeros(C, device="cuda", dtype=p), torch.ones(C, device="cuda", dtype=p)
+            y, mean, invstd = forward(x, w, b, None, rm, rv, 0.1, 1e-5, True)
+            unit = x.numel() * x.element_size()
+            yield (f"{backend} {layout} fwd_relu", MODES["fwd_relu"]["units"] * unit,
+                   partial(forward, x, w, b, None, rm, rv, 0.1, 1e-5, True))
+            yield (f"{backend} {layout} bwd_add_relu", MODES["bwd_add_relu"]["units"] * unit,
+                   partial(backward, g, x, y, w, mean, invstd, True, True, [True, True, True, True]))
+
+
+def run(shape, dtype):
+    """Under ncu: one profiler window per call; prints each call's label and model bytes."""
+    for label, model_bytes, call in _calls(shape, dtype):
+        call()  # warm-up: compiles, fills the caching allocator
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"CALL\t{label}\t{model_bytes}", flush=True)
+
+
+def _table(calls, rows):
+    """Kernel rows (launch order) shared out among the calls: each call's kernels come
+    after the previous call's. Returns the printed table."""
+    lines = [f"{'call / kernel':<58} {'read MB':>9} {'write MB':>9} {'time us':>9} {'/ model':>8}"]
+    it = iter(rows)
+    pending = next(it, None)
+    for label, model_bytes, kernels in calls:
+        total_r = total_w = total_t = 0.0
+        lines.append(label)
+        for _ in range(kernels):
+            if pending is None:
+                break
+            name, r, w, t = pending
+            total_r, total_w, total_t = total_r + r, total_w + w, total_t + t
+            lines.append(f"  {name[:56]:<56} {r / 1e6:>9.1f} {w / 1e6:>9.1f} {t / 1e3:>9.1f}")
+            pending = next(it, None)
+        moved = total_r + total_w
+        lines.append(f"  {'total':<56} {total_r / 1e6:>9.1f} {total_w / 1e6:>9.1f} {total_t / 1e3:>9.1f} "
+                     f"{moved / model_bytes:>7.2f}x")
+    return "\n".join(lines)
+
+
+def _kernel_rows(csv_text):
+    """(kernel name, DRAM bytes read, written, duration ns) per profiled kernel, in launch order."""
+    start = csv_text.find('"ID"')
+    by_id = {}
+    for rec in csv.DictReader(io.StringIO(csv_text[start:])):
+        kernel = by_id.setdefault(rec["ID"], {"name": rec["Kernel Name"]})
+        value = float(rec["Metric Value"].replace(",", ""))
+        unit = rec["Metric Unit"]
+        scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1, "usecond": 1e3,
+                 "msecond": 1e6}.get(unit, 1)
+        kernel[rec["Metric Name"]] = value * scale
+    return [(k["name"], k.get(METRICS[0], 0.0), k.get(METRICS[1], 0.0), k.get(METRICS[2], 0.0))
+            for _, k in sorted(by_id.items(), key=lambda kv: int(kv[0]))]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.dram", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="128,256,56,56", help="N,C,H,W")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--out", default=None, help="folder for ncu's raw CSV")
+    parser.add_argument("--run", action="store_true", help=argparse.SUPPRESS)  # the profiled child
+    args = parser.parse_args(argv)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    if args.run:
+        return run(shape, DTYPES[args.dtype])
+    if shutil.which("ncu") is None:
+        sys.exit("ncu (Nsight Compute) is not on the PATH")
+    out = args.out or "."
+    os.makedirs(out, exist_ok=True)
+    raw = os.path.join(out, "dram.csv")
+    cmd = ["ncu", "--profile-from-start", "off", "--cache-control", "none", "--clock-control", "none",
+           "--metrics", ",".join(METRICS), "--csv", "--log-file", raw,
+           sys.executable, "-m", "bench.dram", "--run", "--shape", args.shape, "--dtype", args.dtype]
+    child = subprocess.run(cmd, capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(f"ncu failed ({child.returncode}):\n{child.stderr[-3000:]}")
+    calls = []
+    for line in child.stdout.splitlines():
+        if line.startswith("CALL\t"):
+            _, label, model_bytes = line.split("\t")
+            calls.append((label, int(model_bytes), KERNELS_PER_CALL))
+    with open(raw) as f:
+        rows = _kernel_rows(f.read())
+    print(f"DRAM traffic per call, {args.shape} {args.dtype} (ncu, caches not flushed; raw: {raw})")
+    print(_table(calls, rows))
+
+
+if __name__ == "__main__":
+    main()

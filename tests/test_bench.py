@@ -1,0 +1,36 @@
+"""The benchmark suite's own logic, which a CPU machine can check: argument lists,
+and the parsing of Nsight Compute's CSV by bench/dram.py (run on a GPU only)."""
+import argparse
+
+import pytest
+
+from bench import dram
+from bench.__main__ import _csv, parse_args
+
+NCU_CSV = '''==PROF== Connected to process 123
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","123","python3","h","_bn_stats_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","Mbyte","205.52"
+"0","123","python3","h","_bn_stats_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","Kbyte","12.5"
+"0","123","python3","h","_bn_stats_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","70.1"
+"1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","180,000,000"
+"1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","dram__bytes_write.sum","Mbyte","205.52"
+"1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","130,000"
+'''
+
+
+def test_ncu_csv_rows_and_table():
+    rows = dram._kernel_rows(NCU_CSV)
+    assert [r[0] for r in rows] == ["_bn_stats_kernel", "_bn_fwd_kernel"]
+    assert rows[0][1:] == pytest.approx((205.52e6, 12.5e3, 70.1e3))
+    assert rows[1][1:] == pytest.approx((180e6, 205.52e6, 130e3))
+    table = dram._table([("triton nchw fwd_relu", 411_041_792, 2)], rows)
+    moved = (205.52e6 + 12.5e3 + 180e6 + 205.52e6) / 411_041_792
+    assert table.splitlines()[-1].split()[-1] == f"{moved:.2f}x"
+
+
+def test_bench_lists_are_checked():
+    assert parse_args(["--mode", "fwd_relu,eval_relu"]).mode == ["fwd_relu", "eval_relu"]
+    with pytest.raises(SystemExit):
+        parse_args(["--mode", "fwd_relu,nope"])
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a comma list of a, b"):
+        _csv(["a", "b"])("a,c")
