@@ -22,7 +22,9 @@ import torch
 
 from .batch_norm import MODES
 
-METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum")
+METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum",
+           # launch statistics, no counters: a fractional wave count is a tail of idle SMs
+           "launch__registers_per_thread", "launch__waves_per_multiprocessor")
 KERNELS_PER_CALL = 2  # both backends: a reduction pass, then an elementwise pass
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -69,7 +71,8 @@ def run(shape, dtype):
 def _table(calls, rows):
     """Kernel rows (launch order) shared out among the calls: each call's kernels come
     after the previous call's. Returns the printed table."""
-    lines = [f"{'call / kernel':<58} {'read MB':>9} {'write MB':>9} {'time us':>9} {'/ model':>8}"]
+    lines = [f"{'call / kernel':<58} {'read MB':>9} {'write MB':>9} {'time us':>9} {'/ model':>8} "
+             f"{'regs':>5} {'waves':>6}"]
     it = iter(rows)
     pending = next(it, None)
     for label, model_bytes, kernels in calls:
@@ -78,9 +81,10 @@ def _table(calls, rows):
         for _ in range(kernels):
             if pending is None:
                 break
-            name, r, w, t = pending
+            name, r, w, t, regs, waves = pending
             total_r, total_w, total_t = total_r + r, total_w + w, total_t + t
-            lines.append(f"  {name[:56]:<56} {r / 1e6:>9.1f} {w / 1e6:>9.1f} {t / 1e3:>9.1f}")
+            lines.append(f"  {name[:56]:<56} {r / 1e6:>9.1f} {w / 1e6:>9.1f} {t / 1e3:>9.1f} {'':>8} "
+                         f"{regs:>5.0f} {waves:>6.2f}")
             pending = next(it, None)
         moved = total_r + total_w
         lines.append(f"  {'total':<56} {total_r / 1e6:>9.1f} {total_w / 1e6:>9.1f} {total_t / 1e3:>9.1f} "
@@ -89,7 +93,8 @@ def _table(calls, rows):
 
 
 def _kernel_rows(csv_text):
-    """(kernel name, DRAM bytes read, written, duration ns) per profiled kernel, in launch order."""
+    """(kernel name, DRAM bytes read, written, duration ns, registers per thread, waves per SM)
+    per profiled kernel, in launch order."""
     start = csv_text.find('"ID"')
     by_id = {}
     for rec in csv.DictReader(io.StringIO(csv_text[start:])):
@@ -99,7 +104,7 @@ def _kernel_rows(csv_text):
         scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1, "usecond": 1e3,
                  "msecond": 1e6}.get(unit, 1)
         kernel[rec["Metric Name"]] = value * scale
-    return [(k["name"], k.get(METRICS[0], 0.0), k.get(METRICS[1], 0.0), k.get(METRICS[2], 0.0))
+    return [(k["name"], *(k.get(m, float("nan")) for m in METRICS))
             for _, k in sorted(by_id.items(), key=lambda kv: int(kv[0]))]
 
 

@@ -64,7 +64,7 @@ def _resources(cubin: bytes):
 def _calls():
     """(label, thunk) for each host-wrapper call to compile: the GPU benchmark's shapes and
     an odd one, every dtype, NCHW / channels_last / a channel slice, every kernel variant."""
-    shapes = [(128, 64, 112, 112), (128, 2048, 7, 7), (5, 65, 13, 13)]
+    shapes = [(128, 256, 56, 56), (128, 2048, 7, 7), (5, 65, 13, 13)]
     dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
     for shape, dtype, layout in itertools.product(shapes, dtypes, ("nchw", "channels_last", "slice")):
         N, C, H, W = shape
