@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build with CUDA, run the cuda tests and the quick
 # benchmark, leave logs and the result JSON in $1 (default $OUT, else bench/results).
-# Fits one 10-minute device call: the tests get TEST_BUDGET seconds (default 240),
-# the DRAM-traffic check (bench/dram.py, under ncu) DRAM_BUDGET (default 90), the
-# benchmark what is left of BENCH_BUDGET (default 600 in all); the benchmark saves its
-# JSON after every case, so a stage cut short still leaves what it measured.
+# A session has 15 minutes of device time, machine starts included, so one call must
+# leave room for a second: run it with timeout_s=450. The tests get TEST_BUDGET
+# seconds (default 150; cut with SIGINT, so pytest still prints what passed), the
+# DRAM-traffic check (bench/dram.py, under ncu) DRAM_BUDGET (default 45), the benchmark
+# what is left of BENCH_BUDGET (default 400 in all); the benchmark saves its JSON after
+# every case, so a stage cut short still leaves what it measured. The extension is
+# built for this GPU's architecture only, unless TORCH_CUDA_ARCH_LIST says otherwise.
 # Arguments after OUT replace the benchmark's default `--quick` (e.g. `--mode fwd_relu`
 # for the full shapes of one mode); TEST_BUDGET=0 skips the tests.
 # The GPU machines have torch, triton, pytest and ninja but no network: nothing is installed.
@@ -22,22 +25,24 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 stage "build"
+arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
 FORCE_CUDA=1 MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . \
   > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 grep "cnnkern:" "$out/build.log"
 
-test_budget=${TEST_BUDGET:-240}
+test_budget=${TEST_BUDGET:-150}
 if [ "$test_budget" -gt 0 ]; then
   stage "cuda tests"
   # Several workers: most of the time goes to compiling Triton kernels, on the CPU.
-  timeout "$test_budget" python3 -m pytest -q -rs -n 8 -m cuda tests > "$out/tests_cuda.log" 2>&1
-  echo "pytest exit $? (124: cut at $test_budget s)"
+  timeout -s INT -k 15 "$test_budget" python3 -m pytest -q -rs -n 8 -m cuda tests > "$out/tests_cuda.log" 2>&1
+  echo "pytest exit $? (2: interrupted at $test_budget s)"
   tail -25 "$out/tests_cuda.log"
 fi
 
-dram_budget=${DRAM_BUDGET:-90}
+dram_budget=${DRAM_BUDGET:-45}
 stage "benchmark"
-left=$(( ${BENCH_BUDGET:-600} - (SECONDS - start) - dram_budget - 15 ))
+left=$(( ${BENCH_BUDGET:-400} - (SECONDS - start) - dram_budget - 15 ))
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
 timeout "$left" python3 -m bench --out "$out" --no-plot "${bench_args[@]}" > "$out/bench.log" 2>&1
