@@ -24,3 +24,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator():
+    """The CPU emulation of csrc/cuda's kernels (built on first use), or a skip with the reason."""
+    import cuda_emulator
+
+    reason = cuda_emulator.unsupported_reason()
+    if reason:
+        pytest.skip(f"the CUDA emulator cannot run here: {reason}")
+    return cuda_emulator.load()
+
+
+@pytest.fixture(autouse=True)
+def _emulate_cuda(request):
+    """Tests marked `cuda_emulated` run the cnnkern ops' CPU kernels from csrc/cuda, emulated."""
+    if request.node.get_closest_marker("cuda_emulated") is None:
+        yield
+        return
+    import cuda_emulator
+
+    with cuda_emulator.cuda_kernels_on_cpu(request.getfixturevalue("cuda_emulator")):
+        yield

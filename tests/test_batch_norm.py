@@ -4,70 +4,15 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cnnkern
 from cnnkern import reference
-from helpers import LAYOUTS, assert_close_to_oracle, backend_params, make_input, require
+from helpers import LAYOUTS, backend_params, make_input, require, run_and_compare
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # C in {1, 3, 7, 65}, H = W in {1, 7, 13}, N in {1, 2, 5}: each value several times,
 # never one value per channel (training refuses it).
 SHAPES = [(2, 1, 7, 7), (5, 3, 13, 13), (1, 7, 13, 13), (2, 65, 1, 1), (5, 65, 7, 7), (1, 3, 7, 7), (5, 7, 1, 1)]
-
-
-def param_dtype(dtype):
-    """Half inputs get float32 parameters, as under autocast; others their own dtype."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def run_and_compare(backend, device, x, *, affine=True, residual=False, activation=None, training=True,
-                    running_stats=True, momentum=0.1, eps=1e-5, pdtype=None):
-    """One call of cnnkern.functional.batch_norm vs F.batch_norm (+ add, + relu) in the
-    same dtype vs the float64 oracle: output, gradients and running stats."""
-    dtype, C = x.dtype, x.shape[1]
-    pdtype = pdtype or param_dtype(dtype)
-    w = (torch.rand(C, dtype=pdtype, device=device) + 0.5) if affine else None
-    b = torch.randn(C, dtype=pdtype, device=device) if affine else None
-    r = torch.randn(x.shape, dtype=dtype, device=device) if residual else None
-    rm = torch.randn(C, dtype=pdtype, device=device) if running_stats else None
-    rv = (torch.rand(C, dtype=pdtype, device=device) + 0.5) if running_stats else None
-    grad_out = torch.randn(x.shape, dtype=dtype, device=device)
-
-    def leaves(to=None):
-        ts = [t if t is None else (t.detach().to(to) if to else t.detach().clone()) for t in (x, w, b, r)]
-        if to is None:
-            ts[0] = x.detach()  # keep the layout under test (clone would densify a slice)
-        return [t if t is None else t.requires_grad_() for t in ts]
-
-    def stats(to=None):
-        return [t if t is None else (t.to(to) if to else t.clone()) for t in (rm, rv)]
-
-    results = {}
-    for name in ("ours", "torch", "oracle"):
-        xs, ws, bs, rs = leaves(torch.float64 if name == "oracle" else None)
-        rms, rvs = stats(torch.float64 if name == "oracle" else None)
-        if name == "ours":
-            y = cnnkern.functional.batch_norm(xs, rms, rvs, ws, bs, training, momentum, eps, residual=rs,
-                                              activation=activation, backend=backend)
-        elif name == "torch":
-            y = F.batch_norm(xs, rms, rvs, ws, bs, training, momentum, eps)
-            y = y + rs if rs is not None else y
-            y = F.relu(y) if activation == "relu" else y
-        else:
-            y = reference.batch_norm_ref(xs, rms, rvs, ws, bs, training, momentum, eps, rs, activation)
-        inputs = [t for t in (xs, ws, bs, rs) if t is not None]
-        go = grad_out.double() if name == "oracle" else grad_out
-        grads = torch.autograd.grad(y, inputs, go) if y.numel() else [torch.zeros_like(t) for t in inputs]
-        results[name] = [y.detach()] + list(grads) + [t for t in (rms, rvs) if t is not None]
-
-    what = ["output"] + [n for n, t in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), (x, w, b, r))
-                         if t is not None] + (["running_mean", "running_var"] if running_stats else [])
-    for i, name in enumerate(what):
-        ours, theirs, oracle = (results[k][i] for k in ("ours", "torch", "oracle"))
-        assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype} != {theirs.dtype}"
-        assert_close_to_oracle(ours, theirs, oracle, dtype, f"{backend}/{name}")
-    return results
 
 
 # Every (shape, layout, dtype), training and eval; the fused variants rotate.

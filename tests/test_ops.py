@@ -18,7 +18,13 @@ def _args(device, dtype, relu):
     return x, w, b, r, rm, rv
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else []) for b in OPS])
+BACKENDS = [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else [], id=b) for b in OPS] + [
+    # the C++ ops with csrc/cuda's kernels and wrappers, emulated on the CPU (conftest.py)
+    pytest.param("cpu", marks=[pytest.mark.cuda_emulated], id="cuda-emulated"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("relu", [True, False])
 def test_opcheck(backend, relu):
     device = DEVICE[backend]

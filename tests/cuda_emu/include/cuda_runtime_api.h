@@ -1,0 +1,31 @@
+// Stand-in for the CUDA runtime API, for the test suite's CPU emulation of csrc/cuda (see
+// ../emulator.h). Only what the kernels and launchers use: error codes, dim3, streams, and the
+// device queries, answered by the emulator.
+#pragma once
+#include <cstddef>
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
+
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaGetLastError();
+const char* cudaGetErrorString(cudaError_t err);

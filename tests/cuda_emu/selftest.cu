@@ -1,0 +1,67 @@
+// Kernels that test the emulator itself (tests/test_cuda_emulator.py): one that follows CUDA's
+// rules and must compute the right thing, and one for each broken rule the emulator must report.
+// Compiled, like csrc/cuda/*.cu, after the launch rewrite of tests/cuda_emulator.py.
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "selftest.h"
+
+namespace {
+
+constexpr int kThreads = 128;
+
+// out[b] = sum of in[b * 128 .. b * 128 + 127]: warp shuffles, then shared memory across warps.
+__global__ void block_sums(const float* in, float* out) {
+  __shared__ float warp_sums[kThreads / 32];
+  const int t = threadIdx.x;
+  float v = in[blockIdx.x * kThreads + t];
+  for (int mask = 16; mask > 0; mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, mask);
+  if (t % 32 == 0) warp_sums[t / 32] = v;
+  __syncthreads();
+  if (t == 0) out[blockIdx.x] = warp_sums[0] + warp_sums[1] + warp_sums[2] + warp_sums[3];
+}
+
+// Half of the block waits at one barrier, the other half at another.
+__global__ void divergent_barrier(const float*, float*) {
+  if (threadIdx.x < kThreads / 2) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+
+// Half of the block waits at a barrier the other half exits without reaching.
+__global__ void exit_before_barrier(const float*, float*) {
+  if (threadIdx.x < kThreads / 2) return;
+  __syncthreads();
+}
+
+// One lane exits before its warp's full-warp shuffle.
+__global__ void shuffle_after_exit(const float*, float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
+// out[b * 128 + t] should be what thread t + 1 stored, but no barrier orders the store before the
+// load: on a GPU a race, in the emulator a wrong value in every block.
+__global__ void missing_barrier(const float*, float* out) {
+  __shared__ float stored[kThreads];
+  const int t = threadIdx.x;
+  stored[t] = float(blockIdx.x * kThreads + t);
+  out[blockIdx.x * kThreads + t] = stored[(t + 1) % kThreads];
+}
+
+}  // namespace
+
+cudaError_t cuda_emu_selftest(const char* kernel, const float* in, float* out, unsigned blocks, unsigned threads) {
+  void (*k)(const float*, float*) = nullptr;
+  if (std::strcmp(kernel, "block_sums") == 0) k = block_sums;
+  if (std::strcmp(kernel, "divergent_barrier") == 0) k = divergent_barrier;
+  if (std::strcmp(kernel, "exit_before_barrier") == 0) k = exit_before_barrier;
+  if (std::strcmp(kernel, "shuffle_after_exit") == 0) k = shuffle_after_exit;
+  if (std::strcmp(kernel, "missing_barrier") == 0) k = missing_barrier;
+  if (!k) return cudaErrorInvalidValue;
+  k<<<blocks, threads, 0, nullptr>>>(in, out);
+  return cudaGetLastError();
+}

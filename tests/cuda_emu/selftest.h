@@ -1,0 +1,6 @@
+// The emulator's self-test kernels (selftest.cu), by name: block_sums, divergent_barrier,
+// exit_before_barrier, shuffle_after_exit, missing_barrier. `in` and `out` hold blocks * 128 floats.
+#pragma once
+#include <cuda_runtime.h>
+
+cudaError_t cuda_emu_selftest(const char* kernel, const float* in, float* out, unsigned blocks, unsigned threads);

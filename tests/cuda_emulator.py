@@ -1,0 +1,82 @@
+"""Builds and loads csrc/cuda's kernels under the CPU emulator of CUDA in tests/cuda_emu
+(what it models: tests/cuda_emu/emulator.h), and swaps them in for the CPU kernels of the
+cnnkern ops, so the whole stack above (functional, autograd, modules) runs the CUDA
+kernels and the CUDA op wrappers on CPU tensors."""
+import contextlib
+import os
+import pathlib
+import platform
+import re
+import warnings
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EMU = ROOT / "tests" / "cuda_emu"
+BUILD = ROOT / "build" / "cuda_emu"
+OPS = ("bn_forward_train", "bn_forward_eval", "bn_backward")
+
+# `kernel<<<grid, block, shared_bytes, stream>>>(` -> `::cuda_emu::launch(grid, block, shared_bytes, stream, kernel, `
+_LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(")
+
+
+def unsupported_reason():
+    """Why the emulator cannot run here, or None."""
+    if platform.machine() != "x86_64" or os.name != "posix":
+        return f"the emulator's fiber switch is x86-64 System V assembly; this is {platform.machine()} {os.name}"
+    return None
+
+
+def rewrite_launches(source: str, name: str) -> str:
+    """`source` with every <<<>>> launch as a call of cuda_emu::launch; lines keep their numbers."""
+    rewritten, count = _LAUNCH.subn(r"::cuda_emu::launch(\2, \1, ", source)
+    if count != source.count("<<<"):
+        raise RuntimeError(f"{name}: rewrote {count} of {source.count('<<<')} kernel launches; "
+                           "the emulator's rewrite needs `kernel<targs><<<grid, block, smem, stream>>>(args)`")
+    return f'#line 1 "{name}"\n' + rewritten
+
+
+def _write_if_changed(path: pathlib.Path, text: str) -> None:
+    if path.exists() and path.read_text() == text:
+        return  # keeps ninja's timestamps: no rebuild
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: pytest-xdist workers may race here
+
+
+def load():
+    """The emulator module (built once per source change, by ninja)."""
+    (BUILD / "src").mkdir(parents=True, exist_ok=True)
+    sources = [str(EMU / "emulator.cpp")]
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [EMU / "selftest.cu"]:
+        out = BUILD / "src" / f"{cu.stem}_emulated.cpp"
+        _write_if_changed(out, rewrite_launches(cu.read_text(), str(cu.relative_to(ROOT))))
+        sources.append(str(out))
+    return cpp_extension.load(
+        name="cnnkern_cuda_emu",
+        sources=sources,
+        # The stand-in CUDA headers first; -fno-strict-aliasing: the kernels read T arrays
+        # through vector structs, as CUDA allows and host C++ does not.
+        extra_include_paths=[str(EMU / "include"), str(EMU), str(ROOT / "csrc")],
+        extra_cflags=["-O2", "-fno-strict-aliasing"],
+        build_directory=str(BUILD),
+        verbose=False,
+    )
+
+
+@contextlib.contextmanager
+def cuda_kernels_on_cpu(module, sms: int = 132, seed: int = 0):
+    """Within the block, the cnnkern ops run csrc/cuda's kernels (emulated) for CPU tensors,
+    on an emulated device of `sms` multiprocessors, blocks in an order drawn from `seed`."""
+    module.use_device(sms)
+    module.set_block_order_seed(seed)
+    lib = torch.library.Library("cnnkern", "IMPL")
+    try:
+        with warnings.catch_warnings():  # that a kernel is overridden is the point
+            warnings.filterwarnings("ignore", "Warning only once for all operators")
+            for op in OPS:
+                lib.impl(op, getattr(module, op), "CPU")
+        yield module
+    finally:
+        lib._destroy()

@@ -1,0 +1,86 @@
+"""csrc/cuda's kernels on the CPU emulator of CUDA (tests/cuda_emu): that the emulator itself
+runs correct kernels right and reports broken ones, that the `cuda_emulated` tests of the other
+files do run the CUDA kernels, and the launch geometries those tiny shapes never reach: grids
+split over the batch and the spatial dimension, on small and large emulated GPUs."""
+import pytest
+import torch
+
+import cnnkern
+from cuda_emulator import cuda_kernels_on_cpu
+from helpers import make_input, run_and_compare
+
+THREADS = 128  # selftest.cu's block size
+
+
+def selftest(emu, kernel, blocks=3, threads=THREADS):
+    x = torch.randn(blocks * THREADS)
+    out = torch.full_like(x, float("nan"))
+    return emu.selftest(kernel, x, out, blocks, threads), x, out
+
+
+def test_selftest_block_sums(cuda_emulator):
+    err, x, out = selftest(cuda_emulator, "block_sums", blocks=5)
+    assert err == "no error"
+    torch.testing.assert_close(out[:5], x.view(5, THREADS).sum(1))
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ("divergent_barrier", "threads wait at different __syncthreads() calls: tests/cuda_emu/selftest.cu:"),
+    ("exit_before_barrier", "64 threads exited while the other 64 wait at __syncthreads() (tests/cuda_emu/selftest.cu:"),
+    ("shuffle_after_exit", "warp 0: 31 lanes wait at a full-warp shuffle"),
+])
+def test_selftest_broken_kernels_fail_the_launch(cuda_emulator, kernel, message):
+    err, _, _ = selftest(cuda_emulator, kernel)
+    assert err.startswith("unspecified launch failure") and message in err, err
+
+
+def test_selftest_race_shows(cuda_emulator):
+    # Threads run in rank order in some blocks and in reverse in others, so the load that no
+    # barrier orders after the store reads a stale value in every block, one way or the other.
+    err, _, out = selftest(cuda_emulator, "missing_barrier", blocks=4)
+    assert err == "no error"
+    wanted = torch.arange(4 * THREADS, dtype=torch.float32).view(4, THREADS).roll(-1, 1)
+    wrong_blocks = (out.view(4, THREADS) != wanted).any(1)
+    assert wrong_blocks.all(), wrong_blocks
+
+
+def test_selftest_invalid_configuration(cuda_emulator):
+    err, _, _ = selftest(cuda_emulator, "block_sums", threads=2048)
+    assert err == "invalid launch configuration"
+
+
+def test_ops_run_the_emulated_kernels(cuda_emulator):
+    x = torch.randn(4, 3, 5, 5)
+    cuda_emulator.launched_grids()
+    with cuda_kernels_on_cpu(cuda_emulator):
+        cnnkern.functional.batch_norm(x, None, None, training=True, backend="cpu")
+        assert len(cuda_emulator.launched_grids()) == 2  # statistics, then normalize
+    cnnkern.functional.batch_norm(x, None, None, training=True, backend="cpu")
+    assert cuda_emulator.launched_grids() == []  # the C++ CPU kernel again
+
+
+# Shapes large enough that the launchers split each channel's items over several blocks (grid
+# y * z > 1), in both lane orientations (along C: channels_last; along L: NCHW), vectorized
+# (16-byte items) or not (odd sizes, channel slices), on a 3-SM and a 132-SM (H100) device.
+SPLIT_CASES = [
+    pytest.param((8, 3, 128, 128), torch.float32, "nchw", id="8x3x128x128-nchw-f32"),  # split over n
+    pytest.param((2, 3, 256, 256), torch.float32, "nchw", id="2x3x256x256-nchw-f32"),  # and over l
+    pytest.param((64, 2, 9, 9), torch.float32, "nchw", id="64x2x9x9-nchw-f32"),
+    pytest.param((8, 32, 40, 40), torch.bfloat16, "channels_last", id="8x32x40x40-cl-bf16"),
+    pytest.param((4, 3, 91, 91), torch.float16, "slice", id="4x3x91x91-slice-f16"),
+    pytest.param((4, 11, 17, 17), torch.float64, "slice_cl", id="4x11x17x17-slicecl-f64"),
+]
+
+
+@pytest.mark.parametrize("sms", [3, 132])
+@pytest.mark.parametrize("shape,dtype,layout", SPLIT_CASES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_split_grids(cuda_emulator, sms, shape, dtype, layout, training):
+    x = make_input(shape, dtype, "cpu", layout, mean=3.0)
+    cuda_emulator.launched_grids()
+    with cuda_kernels_on_cpu(cuda_emulator, sms=sms, seed=sms):
+        run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=training)
+    grids = cuda_emulator.launched_grids()
+    assert grids, "no emulated kernel ran"
+    if training:
+        assert max(y * z for _, y, z in grids) > 1, f"no launch split the items: {grids}"
