@@ -19,6 +19,8 @@ OPS = ("bn_forward_train", "bn_forward_eval", "bn_backward")
 
 # `kernel<<<grid, block, shared_bytes, stream>>>(` -> `::cuda_emu::launch(grid, block, shared_bytes, stream, kernel, `
 _LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;]*>)?)<<<([^;]*?)>>>\(")
+# `extern __shared__ __align__(16) T name[];` -> `T* const name = static_cast<T*>(::cuda_emu::dynamic_shared());`
+_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\[\];")
 
 
 def unsupported_reason():
@@ -28,12 +30,19 @@ def unsupported_reason():
     return None
 
 
-def rewrite_launches(source: str, name: str) -> str:
-    """`source` with every <<<>>> launch as a call of cuda_emu::launch; lines keep their numbers."""
+def rewrite(source: str, name: str) -> str:
+    """`source` as the emulator compiles it: every <<<>>> launch a call of cuda_emu::launch, every
+    dynamic shared array a pointer to the block's buffer; lines keep their numbers."""
     rewritten, count = _LAUNCH.subn(r"::cuda_emu::launch(\2, \1, ", source)
     if count != source.count("<<<"):
         raise RuntimeError(f"{name}: rewrote {count} of {source.count('<<<')} kernel launches; "
                            "the emulator's rewrite needs `kernel<targs><<<grid, block, smem, stream>>>(args)`")
+    rewritten, count = _DYNAMIC_SHARED.subn(r"\1* const \2 = static_cast<\1*>(::cuda_emu::dynamic_shared());",
+                                            rewritten)
+    arrays = len(re.findall(r"extern\s+__shared__", source))
+    if count != arrays:
+        raise RuntimeError(f"{name}: rewrote {count} of {arrays} dynamic shared arrays; the emulator's rewrite "
+                           "needs `extern __shared__ [__align__(n)] T name[];`")
     return f'#line 1 "{name}"\n' + rewritten
 
 
@@ -51,7 +60,7 @@ def load():
     sources = [str(EMU / "emulator.cpp")]
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [EMU / "selftest.cu"]:
         out = BUILD / "src" / f"{cu.stem}_emulated.cpp"
-        _write_if_changed(out, rewrite_launches(cu.read_text(), str(cu.relative_to(ROOT))))
+        _write_if_changed(out, rewrite(cu.read_text(), str(cu.relative_to(ROOT))))
         sources.append(str(out))
     return cpp_extension.load(
         name="cnnkern_cuda_emu",
@@ -66,10 +75,11 @@ def load():
 
 
 @contextlib.contextmanager
-def cuda_kernels_on_cpu(module, sms: int = 132, seed: int = 0):
+def cuda_kernels_on_cpu(module, sms: int = 132, seed: int = 0, **device):
     """Within the block, the cnnkern ops run csrc/cuda's kernels (emulated) for CPU tensors,
-    on an emulated device of `sms` multiprocessors, blocks in an order drawn from `seed`."""
-    module.use_device(sms)
+    on an emulated device of `sms` multiprocessors (other limits: `device`, as the module's
+    use_device takes them), blocks in an order drawn from `seed`."""
+    module.use_device(sms, **device)
     module.set_block_order_seed(seed)
     lib = torch.library.Library("cnnkern", "IMPL")
     try:

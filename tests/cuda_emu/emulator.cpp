@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <map>
 #include <numeric>
 #include <random>
 #include <string>
@@ -56,29 +57,34 @@ constexpr int kWarpSize = 32;
 constexpr std::size_t kMaxShuffleBytes = 16;
 constexpr std::size_t kStackBytes = 256 << 10;  // per fiber: kernels keep a few KB of locals
 constexpr std::size_t kGuardBytes = 4096;       // an unmapped page under each stack: overflow faults
-constexpr std::size_t kMaxSharedBytes = 48 << 10;
+constexpr int kMaxFibers = 16384;               // alive at once: a block, or a cooperative grid
+constexpr int kDefaultDynamicShared = 48 << 10;  // without cudaFuncSetAttribute
+constexpr int kThreadsPerSM = 2048;
+constexpr int kMaxBlocksPerSM = 32;
+constexpr int kReservedSharedPerBlock = 1024;  // the driver's share of each block's shared memory
 
-enum class State { kReady, kAtBarrier, kAtShuffle, kDone };
+enum class State { kReady, kAtBarrier, kAtShuffle, kAtGridSync, kDone };
 
 struct Fiber {
   uint3 idx;
   int rank;  // linear thread index: lane = rank % 32, warp = rank / 32
   void* sp;  // saved stack pointer while switched out
   State state;
-  int shuffle_parity;  // which of the warp's two slot sets this lane's next shuffle uses
+  int shuffle_parity;        // which of the warp's two slot sets this lane's next shuffle uses
   const char* barrier_file;  // the __syncthreads() call the thread waits at, while it does
   int barrier_line;
 };
 
 using Slot = std::array<unsigned char, kMaxShuffleBytes>;
 using WarpSlots = std::array<std::array<Slot, kWarpSize>, 2>;
+struct alignas(128) SharedChunk {
+  unsigned char bytes[128];
+};
 
 // Stacks for up to `count` fibers, reused by every block and launch.
 class Stacks {
  public:
-  char* top(int i) {
-    return base_ + (static_cast<std::size_t>(i) + 1) * (kStackBytes + kGuardBytes);
-  }
+  char* top(int i) { return base_ + (static_cast<std::size_t>(i) + 1) * (kStackBytes + kGuardBytes); }
   void reserve(int count) {
     if (count <= count_) return;
     release();
@@ -86,8 +92,11 @@ class Stacks {
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     TORCH_CHECK(p != MAP_FAILED, "cuda_emu: cannot map ", bytes, " bytes of fiber stacks");
     base_ = static_cast<char*>(p);
-    for (int i = 0; i < count; ++i) mprotect(base_ + i * (kStackBytes + kGuardBytes), kGuardBytes, PROT_NONE);
     count_ = count;
+    for (int i = 0; i < count; ++i) {
+      TORCH_CHECK(mprotect(base_ + i * (kStackBytes + kGuardBytes), kGuardBytes, PROT_NONE) == 0,
+                  "cuda_emu: cannot protect the guard page of fiber stack ", i);
+    }
   }
   ~Stacks() { release(); }
 
@@ -101,13 +110,15 @@ class Stacks {
   int count_ = 0;
 };
 
-// The block being run, on this OS thread.
+// A block of the running launch, with its threads and shared memory.
 struct Block {
-  dim3 grid, dim;
-  uint3 idx;
+  const Launch* launch;
   const std::function<void()>* body;
+  uint3 idx;
+  int first_stack;  // its threads' stacks: first_stack + rank
   std::vector<Fiber> fibers;
   std::vector<WarpSlots> slots;
+  std::vector<SharedChunk> dynamic_shared;
   Fiber* current = nullptr;
   void* scheduler_sp = nullptr;
   std::string error;  // first failure seen in this block
@@ -118,13 +129,19 @@ thread_local Stacks t_stacks;
 thread_local cudaError_t t_last_error = cudaSuccess;
 thread_local std::string t_last_message;
 
-// Emulated devices differ only in SM count; a device's index never changes its count (the
-// launchers cache it per device).
-std::vector<int> g_device_sms = {132};
+struct Device {
+  int sms, l2_bytes, shared_per_sm, shared_per_block_optin;
+  bool operator==(const Device&) const = default;
+};
+// Emulated devices; an index always names the same limits (the launchers cache them per device).
+std::vector<Device> g_devices = {{132, 50 << 20, 228 << 10, 227 << 10}};  // an H100's
 thread_local int t_device = 0;
 std::uint64_t g_block_order_seed = 0;
 std::int64_t g_launches = 0;
-std::vector<dim3> g_grids;  // of the launches since launched_grids() last took them
+std::vector<Launch> g_launched;  // since launched_grids() last took them
+std::map<const void*, int> g_max_dynamic_shared;  // per kernel, set by cudaFuncSetAttribute
+
+const Device& device() { return g_devices[t_device]; }
 
 void fail(Block& b, const std::string& why) {
   if (b.error.empty()) {
@@ -159,15 +176,56 @@ void* initial_sp(char* top) {
   return sp;
 }
 
+void init_block(Block& b, const Launch& launch, const std::function<void()>& body, int first_stack) {
+  const dim3 d = launch.block;
+  b.launch = &launch;
+  b.body = &body;
+  b.first_stack = first_stack;
+  b.slots.resize((d.x * d.y * d.z + kWarpSize - 1) / kWarpSize);
+  b.dynamic_shared.resize((launch.shared_bytes + sizeof(SharedChunk) - 1) / sizeof(SharedChunk));
+  for (unsigned z = 0; z < d.z; ++z) {
+    for (unsigned y = 0; y < d.y; ++y) {
+      for (unsigned x = 0; x < d.x; ++x) {
+        b.fibers.push_back(Fiber{uint3{x, y, z}, int(x + d.x * (y + d.y * z)), nullptr, State::kReady, 0, nullptr, 0});
+      }
+    }
+  }
+}
+
+// Starts block `id` (linear) on b's threads: fresh stacks, shared memory all-ones bytes.
+void start_block(Block& b, std::uint64_t id) {
+  const dim3 g = b.launch->grid;
+  b.idx = uint3{unsigned(id % g.x), unsigned(id / g.x % g.y), unsigned(id / g.x / g.y)};
+  for (Fiber& f : b.fibers) {
+    f.state = State::kReady;
+    f.shuffle_parity = 0;
+    f.sp = initial_sp(t_stacks.top(b.first_stack + f.rank));
+  }
+  std::memset(b.dynamic_shared.data(), 0xff, b.dynamic_shared.size() * sizeof(SharedChunk));
+}
+
 std::string site(const Fiber& f) { return std::string(f.barrier_file) + ":" + std::to_string(f.barrier_line); }
 
+template <class Pred>
+std::ptrdiff_t count(const Block& b, Pred pred) {
+  return std::count_if(b.fibers.begin(), b.fibers.end(), pred);
+}
+
 // Releases the fibers that may go on, after every ready fiber ran to its next wait. False when
-// none may (a rule broken: b.error says which).
+// none may: the block waits at a grid sync, or broke a rule (b.error says which).
 bool release(Block& b) {
-  const auto live = std::count_if(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state != State::kDone; });
-  const auto waiting = std::count_if(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::kAtBarrier; });
-  if (live > 0 && waiting == live) {
-    const Fiber& first = *std::find_if(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state != State::kDone; });
+  const auto live = count(b, [](const Fiber& f) { return f.state != State::kDone; });
+  const auto at_barrier = count(b, [](const Fiber& f) { return f.state == State::kAtBarrier; });
+  const auto at_grid = count(b, [](const Fiber& f) { return f.state == State::kAtGridSync; });
+  if (at_grid == live) return false;  // parked: the grid releases it
+  if (at_barrier + at_grid == live) {
+    const Fiber& first = *std::find_if(b.fibers.begin(), b.fibers.end(),
+                                       [](const Fiber& f) { return f.state == State::kAtBarrier; });
+    if (at_grid > 0) {
+      fail(b, std::to_string(at_grid) + " threads wait at a grid sync while " + std::to_string(at_barrier) +
+                  " wait at __syncthreads() (" + site(first) + ")");
+      return false;
+    }
     if (live != static_cast<std::ptrdiff_t>(b.fibers.size())) {
       fail(b, std::to_string(b.fibers.size() - live) + " threads exited while the other " + std::to_string(live) +
                   " wait at __syncthreads() (" + site(first) + ")");
@@ -182,7 +240,7 @@ bool release(Block& b) {
     for (Fiber& f : b.fibers) f.state = State::kReady;
     return true;
   }
-  // Every live fiber waits at a barrier or a shuffle, not all at barriers: some warp shuffles.
+  // Not every live fiber waits at a barrier: some warp shuffles.
   for (std::size_t w0 = 0; w0 < b.fibers.size(); w0 += kWarpSize) {
     const std::size_t w1 = std::min(b.fibers.size(), w0 + kWarpSize);
     const auto shuffling = std::count_if(b.fibers.begin() + w0, b.fibers.begin() + w1,
@@ -198,42 +256,120 @@ bool release(Block& b) {
   return true;
 }
 
-// Runs the block's threads, each until it waits or exits, in rank order or (`reversed`) the
-// reverse: a load that no barrier orders after another thread's store then reads a stale value
-// in one of the two orders, whichever way round the two threads are.
+// Runs the block's threads until every one exited or waits at a grid sync, or a rule is broken;
+// each thread until it waits or exits, in rank order or (`reversed`) the reverse: a load that no
+// barrier orders after another thread's store then reads a stale value in one of the two orders,
+// whichever way round the two threads are.
 void run_block(Block& b, bool reversed) {
-  for (Fiber& f : b.fibers) {
-    f.state = State::kReady;
-    f.shuffle_parity = 0;
-    f.sp = initial_sp(t_stacks.top(f.rank));
-  }
+  Block* outer = t_block;
+  t_block = &b;
   const std::size_t n = b.fibers.size();
   for (;;) {
     for (std::size_t k = 0; k < n; ++k) {
       Fiber& f = b.fibers[reversed ? n - 1 - k : k];
       if (f.state != State::kReady) continue;
       b.current = &f;
+      threadIdx = f.idx;
+      blockIdx = b.idx;
+      blockDim = b.launch->block;
+      gridDim = b.launch->grid;
       cuda_emu_switch(&b.scheduler_sp, f.sp);
     }
     b.current = nullptr;
-    if (std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::kDone; })) return;
-    if (!b.error.empty() || !release(b)) return;  // the other fibers are abandoned mid-kernel
+    if (count(b, [](const Fiber& f) { return f.state != State::kDone; }) == 0) break;
+    if (!b.error.empty() || !release(b)) break;  // a broken rule abandons the threads mid-kernel
   }
+  t_block = outer;
+}
+
+bool done(const Block& b) {
+  return std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::kDone; });
+}
+
+cudaError_t launch_failure(const std::string& error) {
+  t_last_message = "unspecified launch failure (cuda_emu: " + error + ")";
+  return cudaErrorLaunchFailure;
+}
+
+// Blocks one after another, each on the same threads.
+cudaError_t run_blocks(const Launch& launch, const std::function<void()>& body, const std::vector<std::uint64_t>& order) {
+  Block b;
+  init_block(b, launch, body, 0);
+  for (std::size_t k = 0; k < order.size(); ++k) {
+    start_block(b, order[k]);
+    run_block(b, k % 2 == 1);
+    if (b.error.empty() && !done(b)) fail(b, "grid sync in a launch that is not cooperative");
+    if (!b.error.empty()) return launch_failure(b.error);
+  }
+  return cudaSuccess;
+}
+
+// A cooperative launch: every block alive at once, each run up to its next grid sync in turn.
+cudaError_t run_cooperative(const Launch& launch, const std::function<void()>& body, std::vector<std::uint64_t> order,
+                            std::mt19937_64& rng) {
+  const int threads = int(launch.block.x * launch.block.y * launch.block.z);
+  std::vector<Block> blocks(order.size());
+  for (std::size_t k = 0; k < blocks.size(); ++k) {
+    init_block(blocks[k], launch, body, int(k) * threads);
+    start_block(blocks[k], order[k]);
+  }
+  std::vector<std::size_t> turns(blocks.size());  // the order of the blocks' turns in a phase
+  std::iota(turns.begin(), turns.end(), 0);
+  for (;;) {
+    for (std::size_t k = 0; k < turns.size(); ++k) {
+      Block& b = blocks[turns[k]];
+      run_block(b, k % 2 == 1);
+      if (!b.error.empty()) return launch_failure(b.error);
+    }
+    if (std::all_of(blocks.begin(), blocks.end(), done)) return cudaSuccess;
+    // Every block waits at the grid sync or has exited: all of them must wait.
+    for (Block& b : blocks) {
+      const auto exited = count(b, [](const Fiber& f) { return f.state == State::kDone; });
+      if (exited > 0) {
+        fail(b, std::to_string(exited) + " threads exited while the grid waits at a grid sync");
+        return launch_failure(b.error);
+      }
+    }
+    for (Block& b : blocks) {
+      for (Fiber& f : b.fibers) f.state = State::kReady;
+    }
+    std::shuffle(turns.begin(), turns.end(), rng);  // the next phase in another order
+  }
+}
+
+cudaError_t invalid_configuration(const std::string& why) {
+  t_last_message = "invalid launch configuration (cuda_emu: " + why + ")";
+  return cudaErrorInvalidConfiguration;
 }
 
 }  // namespace
 
-const uint3& thread_idx() { return t_block->current->idx; }
-const uint3& block_idx() { return t_block->idx; }
-const dim3& block_dim() { return t_block->dim; }
-const dim3& grid_dim() { return t_block->grid; }
+int occupancy(int block_threads, std::size_t shared_bytes) {
+  if (block_threads <= 0) return 0;
+  const std::size_t per_block = shared_bytes + kReservedSharedPerBlock;
+  return int(std::min<std::size_t>({kMaxBlocksPerSM, std::size_t(kThreadsPerSM / block_threads),
+                                    std::size_t(device().shared_per_sm) / per_block}));
+}
+
+cudaError_t set_max_dynamic_shared(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > device().shared_per_block_optin) return cudaErrorInvalidValue;
+  g_max_dynamic_shared[kernel] = bytes;
+  return cudaSuccess;
+}
+
 int lane() { return t_block->current->rank % kWarpSize; }
+void* dynamic_shared() { return t_block->dynamic_shared.data(); }
 
 void syncthreads(const char* file, int line) {
   Fiber& f = *t_block->current;
   f.barrier_file = file;
   f.barrier_line = line;
   yield(State::kAtBarrier);
+}
+
+void grid_sync() {
+  if (!t_block->launch->cooperative) fail(*t_block, "grid sync in a launch that is not cooperative");
+  yield(State::kAtGridSync);
 }
 
 void shuffle(const void* value, void* out, std::size_t bytes, unsigned mask, int src_lane) {
@@ -252,50 +388,42 @@ void shuffle(const void* value, void* out, std::size_t bytes, unsigned mask, int
   f.shuffle_parity ^= 1;
 }
 
-cudaError_t run_grid(dim3 grid, dim3 block, std::size_t shared_bytes, const std::function<void()>& body) {
+cudaError_t run_grid(const Launch& launch, const std::function<void()>& body) {
   ++g_launches;
+  const dim3 grid = launch.grid, block = launch.block;
   const std::uint64_t threads = std::uint64_t(block.x) * block.y * block.z;
+  const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.x > 2147483647u || grid.y == 0 ||
-      grid.y > 65535 || grid.z == 0 || grid.z > 65535 || shared_bytes > kMaxSharedBytes) {
-    t_last_message = "invalid launch configuration";
-    return cudaErrorInvalidConfiguration;
+      grid.y > 65535 || grid.z == 0 || grid.z > 65535) {
+    return invalid_configuration("block " + std::to_string(threads) + " threads, grid (" + std::to_string(grid.x) +
+                                 ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) + ")");
   }
-  t_stacks.reserve(static_cast<int>(threads));
-
-  Block b;
-  b.grid = grid;
-  b.dim = block;
-  b.body = &body;
-  b.slots.resize((threads + kWarpSize - 1) / kWarpSize);
-  for (unsigned z = 0; z < block.z; ++z) {
-    for (unsigned y = 0; y < block.y; ++y) {
-      for (unsigned x = 0; x < block.x; ++x) {
-        b.fibers.push_back(Fiber{uint3{x, y, z}, int(x + block.x * (y + block.y * z)), nullptr, State::kReady, 0, nullptr, 0});
-      }
+  const auto raised = g_max_dynamic_shared.find(launch.kernel);
+  const int shared_limit = raised == g_max_dynamic_shared.end() ? kDefaultDynamicShared : raised->second;
+  if (launch.shared_bytes > std::size_t(shared_limit)) {
+    return invalid_configuration(std::to_string(launch.shared_bytes) + " bytes of dynamic shared memory, " +
+                                 std::to_string(shared_limit) + " allowed (cudaFuncSetAttribute raises it)");
+  }
+  if (launch.cooperative) {
+    const std::uint64_t resident = std::uint64_t(occupancy(int(threads), launch.shared_bytes)) * device().sms;
+    if (blocks > resident) {
+      t_last_message = "too many blocks in cooperative launch (cuda_emu: " + std::to_string(blocks) + " blocks, " +
+                       std::to_string(resident) + " resident at once)";
+      return cudaErrorCooperativeLaunchTooLarge;
     }
   }
+  const std::uint64_t fibers = launch.cooperative ? blocks * threads : threads;
+  TORCH_CHECK(fibers <= kMaxFibers, "cuda_emu: a launch of ", fibers, " threads alive at once is more than the ",
+              kMaxFibers, " the emulator runs; emulate a device with fewer SMs");
+  t_stacks.reserve(int(fibers));
+  g_launched.push_back(launch);
+
   // Blocks in a shuffled order: CUDA promises none, so no kernel may rely on one.
-  const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
   std::vector<std::uint64_t> order(blocks);
   std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), std::mt19937_64(g_block_order_seed + g_launches));
-
-  g_grids.push_back(grid);
-
-  Block* outer = t_block;
-  t_block = &b;
-  for (std::uint64_t k = 0; k < blocks; ++k) {
-    const std::uint64_t id = order[k];
-    b.idx = uint3{unsigned(id % grid.x), unsigned(id / grid.x % grid.y), unsigned(id / grid.x / grid.y)};
-    run_block(b, k % 2 == 1);
-    if (!b.error.empty()) break;
-  }
-  t_block = outer;
-  if (!b.error.empty()) {
-    t_last_message = "unspecified launch failure (cuda_emu: " + b.error + ")";
-    return cudaErrorLaunchFailure;
-  }
-  return cudaSuccess;
+  std::mt19937_64 rng(g_block_order_seed + g_launches);
+  std::shuffle(order.begin(), order.end(), rng);
+  return launch.cooperative ? run_cooperative(launch, body, std::move(order), rng) : run_blocks(launch, body, order);
 }
 
 void set_last_error(cudaError_t err) {
@@ -304,17 +432,37 @@ void set_last_error(cudaError_t err) {
 
 }  // namespace cuda_emu
 
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
 cudaError_t cudaGetDevice(int* device) {
   *device = cuda_emu::t_device;
   return cudaSuccess;
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (attr != cudaDevAttrMultiProcessorCount || device < 0 || device >= int(cuda_emu::g_device_sms.size())) {
-    return cudaErrorInvalidValue;
+  if (device < 0 || device >= int(cuda_emu::g_devices.size())) return cudaErrorInvalidValue;
+  const cuda_emu::Device& d = cuda_emu::g_devices[device];
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = d.sms;
+      return cudaSuccess;
+    case cudaDevAttrL2CacheSize:
+      *value = d.l2_bytes;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = d.shared_per_sm;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = d.shared_per_block_optin;
+      return cudaSuccess;
+    case cudaDevAttrCooperativeLaunch:
+      *value = 1;
+      return cudaSuccess;
   }
-  *value = cuda_emu::g_device_sms[device];
-  return cudaSuccess;
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t cudaGetLastError() {
@@ -368,26 +516,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_backward", &w::bn_backward<EmulatedRuntime>);
   m.def(
       "use_device",
-      [](int sms) {
-        TORCH_CHECK(sms > 0, "sms must be positive, got ", sms);
-        auto& d = cuda_emu::g_device_sms;
-        const auto it = std::find(d.begin(), d.end(), sms);
+      [](int sms, int l2_bytes, int shared_per_sm, int shared_per_block) {
+        TORCH_CHECK(sms > 0 && l2_bytes > 0 && shared_per_block > 0 && shared_per_sm >= shared_per_block,
+                    "use_device: expected positive sizes and shared_per_sm >= shared_per_block");
+        const cuda_emu::Device device{sms, l2_bytes, shared_per_sm, shared_per_block};
+        auto& d = cuda_emu::g_devices;
+        const auto it = std::find(d.begin(), d.end(), device);
         cuda_emu::t_device = int(it - d.begin());
-        if (it == d.end()) d.push_back(sms);
+        if (it == d.end()) d.push_back(device);
       },
-      "Makes current an emulated device of `sms` multiprocessors (the launchers size grids by it).");
+      pybind11::arg("sms"), pybind11::arg("l2_bytes") = 50 << 20, pybind11::arg("shared_per_sm") = 228 << 10,
+      pybind11::arg("shared_per_block") = 227 << 10,
+      "Makes current an emulated device (an H100's limits but for the SM count unless given).");
   m.def(
       "set_block_order_seed", [](std::uint64_t seed) { cuda_emu::g_block_order_seed = seed; },
       "Seeds the order in which each launch runs its blocks.");
   m.def(
       "launched_grids",
       [] {
-        std::vector<std::tuple<unsigned, unsigned, unsigned>> grids;
-        for (const dim3& g : cuda_emu::g_grids) grids.emplace_back(g.x, g.y, g.z);
-        cuda_emu::g_grids.clear();
+        std::vector<std::tuple<unsigned, unsigned, unsigned, bool>> grids;
+        for (const cuda_emu::Launch& l : cuda_emu::g_launched) grids.emplace_back(l.grid.x, l.grid.y, l.grid.z, l.cooperative);
+        cuda_emu::g_launched.clear();
         return grids;
       },
-      "The grids (x, y, z) of the launches run since the last call.");
+      "The grids (x, y, z, cooperative) of the launches run since the last call.");
   m.def(
       "selftest",
       [](const std::string& kernel, const at::Tensor& in, at::Tensor& out, unsigned blocks, unsigned threads) {

@@ -1,8 +1,10 @@
 // Kernels that test the emulator itself (tests/test_cuda_emulator.py): one that follows CUDA's
 // rules and must compute the right thing, and one for each broken rule the emulator must report.
 // Compiled, like csrc/cuda/*.cu, after the launch rewrite of tests/cuda_emulator.py.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstring>
 
 #include "selftest.h"
@@ -52,6 +54,46 @@ __global__ void missing_barrier(const float*, float* out) {
   out[blockIdx.x * kThreads + t] = stored[(t + 1) % kThreads];
 }
 
+// out[b * 128 + t] = in[b * 128 + t] + in[(b + 1) % B * 128 + t]: a cooperative kernel that
+// keeps its own value in dynamic shared memory across two grid syncs, and reads the next block's
+// through global memory in between. Instances (kTag) keep their launch attributes apart.
+template <int kTag>
+__global__ void grid_rotate(const float* in, float* out) {
+  extern __shared__ __align__(16) float own[];
+  const int64_t at = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  own[threadIdx.x] = in[at];
+  out[at] = in[at];
+  cooperative_groups::this_grid().sync();
+  const float next = out[(blockIdx.x + 1) % gridDim.x * kThreads + threadIdx.x];
+  cooperative_groups::this_grid().sync();
+  out[at] = own[threadIdx.x] + next;
+}
+
+constexpr int kRotateShared = 64 << 10;  // more than the 48 KB a kernel gets by default
+
+// A cooperative launch of grid_rotate<kTag>, raising its shared memory limit first if `raise`.
+template <int kTag>
+cudaError_t launch_grid_rotate(const float* in, float* out, unsigned blocks, unsigned threads, bool raise) {
+  if (raise) {
+    if (const cudaError_t err = cudaFuncSetAttribute(grid_rotate<kTag>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     kRotateShared);
+        err != cudaSuccess) {
+      return err;
+    }
+  }
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = kRotateShared;
+  config.stream = nullptr;
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, grid_rotate<kTag>, in, out);
+}
+
 }  // namespace
 
 cudaError_t cuda_emu_selftest(const char* kernel, const float* in, float* out, unsigned blocks, unsigned threads) {
@@ -61,6 +103,12 @@ cudaError_t cuda_emu_selftest(const char* kernel, const float* in, float* out, u
   if (std::strcmp(kernel, "exit_before_barrier") == 0) k = exit_before_barrier;
   if (std::strcmp(kernel, "shuffle_after_exit") == 0) k = shuffle_after_exit;
   if (std::strcmp(kernel, "missing_barrier") == 0) k = missing_barrier;
+  if (std::strcmp(kernel, "grid_rotate") == 0) return launch_grid_rotate<0>(in, out, blocks, threads, true);
+  if (std::strcmp(kernel, "grid_rotate_unraised") == 0) return launch_grid_rotate<1>(in, out, blocks, threads, false);
+  if (std::strcmp(kernel, "grid_rotate_uncooperative") == 0) {
+    grid_rotate<2><<<blocks, threads, kThreads * sizeof(float), nullptr>>>(in, out);
+    return cudaGetLastError();
+  }
   if (!k) return cudaErrorInvalidValue;
   k<<<blocks, threads, 0, nullptr>>>(in, out);
   return cudaGetLastError();

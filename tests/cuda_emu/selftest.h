@@ -1,5 +1,7 @@
 // The emulator's self-test kernels (selftest.cu), by name: block_sums, divergent_barrier,
-// exit_before_barrier, shuffle_after_exit, missing_barrier. `in` and `out` hold blocks * 128 floats.
+// exit_before_barrier, shuffle_after_exit, missing_barrier; grid_rotate (cooperative, 64 KB of
+// dynamic shared memory), grid_rotate_unraised (without raising the kernel's shared memory
+// limit), grid_rotate_uncooperative (a plain launch). `in` and `out` hold blocks * 128 floats.
 #pragma once
 #include <cuda_runtime.h>
 
