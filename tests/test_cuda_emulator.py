@@ -46,7 +46,26 @@ def test_selftest_race_shows(cuda_emulator):
 
 def test_selftest_invalid_configuration(cuda_emulator):
     err, _, _ = selftest(cuda_emulator, "block_sums", threads=2048)
-    assert err == "invalid launch configuration"
+    assert err == "invalid launch configuration (cuda_emu: block 2048 threads, grid (3, 1, 1))"
+
+
+def test_selftest_cooperative_launch(cuda_emulator):
+    cuda_emulator.use_device(3)  # 2048 / 128 threads -> up to 16 blocks per SM; 64 KB each -> 3
+    err, x, out = selftest(cuda_emulator, "grid_rotate", blocks=9)
+    assert err == "no error"
+    xs = x.view(9, THREADS)
+    torch.testing.assert_close(out.view(9, THREADS), xs + xs.roll(-1, 0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel,blocks,message", [
+    ("grid_rotate", 10, "too many blocks in cooperative launch (cuda_emu: 10 blocks, 9 resident at once)"),
+    ("grid_rotate_unraised", 3, "65536 bytes of dynamic shared memory, 49152 allowed"),
+    ("grid_rotate_uncooperative", 3, "grid sync in a launch that is not cooperative"),
+])
+def test_selftest_cooperative_launch_rules(cuda_emulator, kernel, blocks, message):
+    cuda_emulator.use_device(3)
+    err, _, _ = selftest(cuda_emulator, kernel, blocks=blocks)
+    assert message in err, err
 
 
 def test_ops_run_the_emulated_kernels(cuda_emulator):
@@ -83,4 +102,31 @@ def test_split_grids(cuda_emulator, sms, shape, dtype, layout, training):
     grids = cuda_emulator.launched_grids()
     assert grids, "no emulated kernel ran"
     if training:
-        assert max(y * z for _, y, z in grids) > 1, f"no launch split the items: {grids}"
+        assert max(y * z for _, y, z, _ in grids) > 1, f"no launch split the items: {grids}"
+
+
+# A small GPU for the one-pass training forward (bn_forward_resident_kernel): a 16 KB L2, so that
+# these shapes are "larger than L2", and 48 KB of shared memory per block, two blocks per SM.
+SMALL_GPU = dict(l2_bytes=16 << 10, shared_per_sm=96 << 10, shared_per_block=48 << 10)
+RESIDENT_CASES = [
+    # shape, dtype, layout, sms, one pass expected
+    pytest.param((4, 12, 20, 20), torch.float32, "nchw", 2, True, id="4x12x20x20-nchw-f32-3rounds"),
+    pytest.param((4, 32, 12, 12), torch.bfloat16, "channels_last", 1, True, id="4x32x12x12-cl-bf16-2splits"),
+    pytest.param((4, 32, 12, 12), torch.bfloat16, "channels_last", 3, True, id="4x32x12x12-cl-bf16-1round"),
+    pytest.param((3, 5, 37, 41), torch.float16, "slice", 3, True, id="3x5x37x41-slice-f16"),
+    pytest.param((4, 11, 9, 9), torch.float64, "slice_cl", 2, True, id="4x11x9x9-slicecl-f64"),
+    pytest.param((5, 3, 13, 13), torch.float32, "nchw", 2, False, id="5x3x13x13-fits-l2"),
+    pytest.param((2, 3, 128, 128), torch.float32, "nchw", 1, False, id="2x3x128x128-too-big"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,layout,sms,one_pass", RESIDENT_CASES)
+def test_one_pass_training_forward(cuda_emulator, shape, dtype, layout, sms, one_pass):
+    x = make_input(shape, dtype, "cpu", layout, mean=3.0)
+    cuda_emulator.launched_grids()
+    with cuda_kernels_on_cpu(cuda_emulator, sms=sms, **SMALL_GPU):
+        run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=True)
+        run_and_compare("cpu", "cpu", x, affine=False, momentum=0.3, eps=1e-3, training=True)
+    cooperative = [grid for grid in cuda_emulator.launched_grids() if grid[3]]
+    # Each run_and_compare: one forward (one cooperative launch if one-pass), one backward.
+    assert len(cooperative) == (2 if one_pass else 0), cooperative

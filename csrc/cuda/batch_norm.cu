@@ -25,19 +25,24 @@
 // it) and grad_residual (when it did not).
 // Second launches walk their grid and steps backwards (ThreadTile), to start on data still in L2.
 // No block reads what another block of the same launch writes: partials are read only by the
-// next launch on the stream.
+// next launch on the stream. The exception: a training forward whose input is larger than L2 runs
+// in one pass when it can (plan_resident), as one cooperative launch of bn_forward_resident_kernel
+// that keeps x in shared memory between the statistics and the normalization, with a grid sync
+// between the two, per round of channel tiles.
 #include "cuda/batch_norm.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
+#include <optional>
 #include <type_traits>
 
 namespace cnnkern::cuda {
@@ -133,8 +138,10 @@ struct ThreadTile {
   int64_t n_begin, n_end, n_step;    // batch indices n_begin, n_begin + n_step, ... < n_end
   int64_t i_begin, i_end, i_stride;  // items i_begin, i_begin + i_stride, ... < i_end
 
-  __device__ explicit ThreadTile(const Tiling& t) {
-    const int64_t bx = kBackwards ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  __device__ explicit ThreadTile(const Tiling& t) : ThreadTile(t, kBackwards ? gridDim.x - 1 - blockIdx.x : blockIdx.x) {}
+
+  // The tile of channel tile `bx` (a persistent block visits several).
+  __device__ ThreadTile(const Tiling& t, int64_t bx) {
     const int64_t by = kBackwards ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
     const int64_t bz = kBackwards ? gridDim.z - 1 - blockIdx.z : blockIdx.z;
     first_split = by == 0 && bz == 0;
@@ -330,11 +337,12 @@ struct GradPartials {
 // Merges `acc` over the threads of the block that hold the same channels: those whose lane is the
 // same modulo `groups` (channel_groups()), first by warp shuffles, then across warps. Returns the
 // block total in threads [0, groups), one per channel group. Every thread of the block must call
-// it, at most once per kernel (its shared buffer is not reset).
+// it.
 template <class Acc>
 __device__ Acc block_merge(Acc acc, int groups) {
   __shared__ Acc warp_totals[kWarps][32];
   const int rank = thread_rank(), lane = rank % 32, warp = rank / 32;
+  __syncthreads();  // a previous call's readers are done with warp_totals
   // Lanes l and l ^ mask (mask >= groups, both powers of two) hold the same channels.
   for (int mask = 16; mask >= groups; mask /= 2) acc.merge(acc.shfl_xor(mask));
   if (lane < groups) warp_totals[warp][lane] = acc;
@@ -438,29 +446,23 @@ struct ForwardParams {
   bool relu;
 };
 
-// Forward, elementwise (training: launch 2; eval: the only launch). Each block first gets the
-// statistics of its channels (training: merges all S partials; eval: the running stats), then
-// y = act((x - mean) * (w * invstd) + b + r) over its split. The (x - mean) * scale form keeps
-// |mean| >> std from cancelling, where x * scale + shift would not.
-template <typename T, typename P, bool kAlongC, int VEC, bool kTraining>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
-    bn_forward_kernel(const ForwardParams<T, P> p,  // tensors and scalars, see ForwardParams
-                      const Tiling tiling)          // the grid's cover of (N, C, L)
-{
-  using A = acc_t<T>;
-  constexpr int K = kAlongC ? VEC : 1;
-  constexpr int kPerItem = VEC / K;
-  constexpr int U = items_per_step(sizeof(T) * VEC);
-  const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
-  const int groups = channel_groups<kAlongC>();
-  const int rank = thread_rank();
+// Per channel: y = (x - mean) * scale + shift (+ r, then ReLU).
+template <typename A, int K>
+struct Coefficients {
+  A mean[K], scale[K], shift[K];
+};
 
-  Welford<A, K> batch = Welford<A, K>::empty();
-  if constexpr (kTraining) {
-    batch = block_merge(merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
-  }
-  // Per channel group: mean, scale = w * invstd, shift = b; written by threads [0, groups).
-  __shared__ A coef[32][3][K];
+// The coefficients of the thread's channels, from the batch statistics `batch` (training: the
+// block total in threads [0, groups) from block_merge) or the running stats (eval). In training,
+// the block that holds split 0 of its channels (`publish`) writes save_mean / save_invstd and
+// updates the running stats. Every thread of the block must call it.
+template <bool kTraining, typename T, typename P, int K, class Tile>
+__device__ Coefficients<acc_t<T>, K> channel_coefficients(const ForwardParams<T, P>& p, const Tile& tile, int groups,
+                                                          const Welford<acc_t<T>, K>& batch, bool publish) {
+  using A = acc_t<T>;
+  __shared__ A coef[32][3][K];  // per channel group: mean, scale = w * invstd, shift = b
+  const int rank = thread_rank();
+  __syncthreads();  // a previous call's readers are done with coef
   if (rank < groups && tile.channel_ok) {
     const A m = A(p.count);
 #pragma unroll
@@ -472,8 +474,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       coef[rank][0][k] = mean;
       coef[rank][1][k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
       coef[rank][2][k] = p.bias ? to_acc(p.bias[c]) : A(0);
-      // One block per channel tile publishes the batch statistics.
-      if (kTraining && tile.first_split) {
+      if (kTraining && publish) {
         p.save_mean[c] = mean;
         p.save_invstd[c] = invstd;
         const A keep = A(1) - p.momentum;
@@ -486,29 +487,122 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     }
   }
   __syncthreads();
-  if (!tile.channel_ok) return;
-
-  const int group = kAlongC ? int(threadIdx.x) : 0;
-  A mean[K], scale[K], shift[K];
+  const int group = groups > 1 ? rank % groups : 0;  // along C: threadIdx.x
+  Coefficients<A, K> out;
 #pragma unroll
-  for (int k = 0; k < K; ++k) mean[k] = coef[group][0][k], scale[k] = coef[group][1][k], shift[k] = coef[group][2][k];
+  for (int k = 0; k < K; ++k) out.mean[k] = coef[group][0][k], out.scale[k] = coef[group][1][k], out.shift[k] = coef[group][2][k];
+  return out;
+}
 
+// y = act((x - mean) * scale + shift + r) of a step's items, in place in x. The (x - mean) * scale
+// form keeps |mean| >> std from cancelling, where x * scale + shift would not.
+template <int U, int VEC, int K, typename T>
+__device__ __forceinline__ void normalize_step(Vec<T, VEC> (&x)[U], const Vec<T, VEC> (&r)[U],
+                                               const Coefficients<acc_t<T>, K>& co, bool relu) {
+  using A = acc_t<T>;
+  constexpr int kPerItem = VEC / K;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const int k = e / kPerItem;
+      A y = (to_acc(x[u].v[e]) - co.mean[k]) * co.scale[k] + co.shift[k] + to_acc(r[u].v[e]);
+      if (relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN, as torch.relu
+      x[u].v[e] = from_acc<T>(y);
+    }
+  }
+}
+
+// Forward, elementwise (training: launch 2; eval: the only launch). Each block first gets the
+// statistics of its channels (training: merges all S partials; eval: the running stats), then
+// y = act((x - mean) * (w * invstd) + b + r) over its split.
+template <typename T, typename P, bool kAlongC, int VEC, bool kTraining>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_forward_kernel(const ForwardParams<T, P> p,  // tensors and scalars, see ForwardParams
+                      const Tiling tiling)          // the grid's cover of (N, C, L)
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
+  const int groups = channel_groups<kAlongC>();
+
+  Welford<A, K> batch = Welford<A, K>::empty();
+  if constexpr (kTraining) {
+    batch = block_merge(merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
+  }
+  const Coefficients<A, K> co = channel_coefficients<kTraining>(p, tile, groups, batch, tile.first_split);
+  if (!tile.channel_ok) return;
   for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
     Vec<T, VEC> x[U], r[U] = {};
     load_step(p.input, p.in_view, tile, n, i, count, x);
     if (p.residual) load_step(p.residual, p.res_view, tile, n, i, count, r);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int k = e / kPerItem;
-        A y = (to_acc(x[u].v[e]) - mean[k]) * scale[k] + shift[k] + to_acc(r[u].v[e]);
-        if (p.relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN, as torch.relu
-        x[u].v[e] = from_acc<T>(y);
-      }
-    }
+    normalize_step(x, r, co, p.relu);
     store_step(p.output, p.out_view, tile, n, i, count, x);
   });
+}
+
+// Training forward in one pass over x from DRAM, for tensors larger than L2: a cooperative grid
+// of gridDim.x channel tiles by S = gridDim.y * gridDim.z splits, resident on the GPU, takes the
+// channel tiles in rounds of gridDim.x. In a round, each block loads its split of x into shared
+// memory while accumulating its Welford partial; after a grid sync (every partial of the round is
+// written) it merges its tile's partials, normalizes from shared memory and writes y. Each thread
+// keeps its own items in shared memory, at slots no other thread touches: no barrier guards them.
+template <typename T, typename P, bool kAlongC, int VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_forward_resident_kernel(const ForwardParams<T, P> p,  // tensors and scalars, see ForwardParams
+                               const Tiling tiling,          // one channel tile's cover; gridDim.x tiles a round
+                               const int64_t channel_tiles)  // of the whole tensor
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  extern __shared__ __align__(16) unsigned char resident[];  // per thread rank: its items, U per step
+  Vec<T, VEC>* const kept = reinterpret_cast<Vec<T, VEC>*>(resident);
+  const int groups = channel_groups<kAlongC>();
+  const int rank = thread_rank();
+  const int64_t rounds = (channel_tiles + gridDim.x - 1) / gridDim.x;
+
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t tile_x = round * gridDim.x + blockIdx.x;
+    const bool active = tile_x < channel_tiles;  // the same for the whole block
+    const ThreadTile<kAlongC, VEC> tile(tiling, active ? tile_x : 0);
+    if (active) {
+      Welford<A, K> acc = Welford<A, K>::empty();
+      int64_t slot = rank;
+      for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+        Vec<T, VEC> x[U];
+        load_step(p.input, p.in_view, tile, n, i, count, x);
+#pragma unroll
+        for (int u = 0; u < U; ++u, slot += kThreads) kept[slot] = x[u];
+        acc.merge(step_stats<K>(x, count));
+      });
+      acc = block_merge(acc, groups);
+      if (rank < groups && tile.channel_ok) p.partials.store(split_index(), tile.c, tiling.C, acc);
+    }
+    cooperative_groups::this_grid().sync();
+    if (!active) continue;
+    const Welford<A, K> batch =
+        block_merge(merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
+    const Coefficients<A, K> co = channel_coefficients<true>(p, tile, groups, batch, tile.first_split);
+    int64_t slot = rank;
+    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+      Vec<T, VEC> x[U], r[U] = {};
+#pragma unroll
+      for (int u = 0; u < U; ++u, slot += kThreads) x[u] = kept[slot];
+      if (p.residual) load_step(p.residual, p.res_view, tile, n, i, count, r);
+      normalize_step(x, r, co, p.relu);
+      store_step(p.output, p.out_view, tile, n, i, count, x);
+    });
+  }
+}
+
+// The static __shared__ bytes of bn_forward_resident_kernel (block_merge's warp totals and
+// channel_coefficients' table): they share each SM's shared memory with the dynamic part.
+template <typename T, bool kAlongC, int VEC>
+constexpr size_t resident_static_shared() {
+  constexpr int K = kAlongC ? VEC : 1;
+  return sizeof(Welford<acc_t<T>, K>) * kWarps * 32 + sizeof(acc_t<T>) * 32 * 3 * K;
 }
 
 // Loads a step of gz = g, or with relu (`relu_output` non-null) g where the forward output is > 0
@@ -695,18 +789,36 @@ size_t dtype_size(DType t) {
 
 size_t acc_size(DType input) { return input == DType::kFloat64 ? 8 : 4; }
 
-// Multiprocessors of the current device, queried once per device.
-cudaError_t sm_count(int* count) {
+// What the launch plans need to know of a device.
+struct DeviceLimits {
+  int sms;
+  int l2_bytes;
+  int shared_per_sm;     // bytes of shared memory per SM
+  int shared_per_block;  // bytes one block may use, opted in
+  bool cooperative;      // cooperative launches (grid syncs) are supported
+};
+
+// The current device's limits, queried once per device.
+cudaError_t device_limits(DeviceLimits* limits) {
   constexpr int kMaxDevices = 64;
-  static std::array<std::atomic<int>, kMaxDevices> cache{};  // 0: not queried yet
+  static std::mutex mutex;
+  static std::array<std::optional<DeviceLimits>, kMaxDevices> cache;
   int device = 0;
   if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  if (device < kMaxDevices && (*count = cache[device].load(std::memory_order_relaxed)) > 0) return cudaSuccess;
-  if (const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-      err != cudaSuccess) {
-    return err;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device < kMaxDevices && cache[device]) {
+    *limits = *cache[device];
+    return cudaSuccess;
   }
-  if (device < kMaxDevices) cache[device].store(*count, std::memory_order_relaxed);
+  int values[5] = {};
+  const cudaDeviceAttr attrs[5] = {cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize,
+                                   cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                   cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrCooperativeLaunch};
+  for (int a = 0; a < 5; ++a) {
+    if (const cudaError_t err = cudaDeviceGetAttribute(&values[a], attrs[a], device); err != cudaSuccess) return err;
+  }
+  *limits = DeviceLimits{values[0], values[1], values[2], values[3], values[4] != 0};
+  if (device < kMaxDevices) cache[device] = *limits;
   return cudaSuccess;
 }
 
@@ -753,8 +865,9 @@ void split_two(int64_t want, int64_t size_a, int64_t threads_a, int64_t size_b, 
 cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, Plan* plan) {
   Strided3d& in = ops[0].view;
   if (in.N < 1 || in.C < 1 || in.L < 1) return cudaErrorInvalidValue;
-  int sms = 0;
-  if (const cudaError_t err = sm_count(&sms); err != cudaSuccess) return err;
+  DeviceLimits device;
+  if (const cudaError_t err = device_limits(&device); err != cudaSuccess) return err;
+  const int sms = device.sms;
 
   const int64_t N = in.N, L = in.L;
   bool merge_nl = N > 1;
@@ -815,6 +928,64 @@ cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, Plan* plan) {
   return cudaSuccess;
 }
 
+// Steps (of U items each) of the busiest thread in one split of `plan`.
+int64_t max_steps(const Plan& plan, int U) {
+  const Tiling& t = plan.tiling;
+  const int64_t tx = plan.block.x, ty = plan.block.y;
+  if (plan.along_c) return t.n_per_split * ceil_div(t.items_per_split, U * ty);  // n: a loop of each thread
+  return ceil_div(t.n_per_split, ty) * ceil_div(t.items_per_split, U * tx);
+}
+
+// The training forward in one pass (bn_forward_resident_kernel): `plan` with the grid of one round
+// (channel tiles per round, splits), `channel_tiles` of the tensor, `shared_bytes` per block.
+struct ResidentPlan {
+  Plan plan;
+  int64_t channel_tiles;
+  size_t shared_bytes;
+};
+
+// Whether the training forward of the tensor `base` plans runs in one pass, and how: when the input
+// is larger than L2 (below that, the two-pass kernels re-read it from L2 anyway) and the grid can
+// hold every channel tile of a round in shared memory, kBlocksPerSM blocks per SM. Among the split
+// counts that fit, the one with the fewest steps in total for the busiest thread (rounds x steps
+// per round); ties go to fewer splits (fewer partials to merge).
+template <typename T, bool kAlongC, int VEC>
+bool plan_resident(const Plan& base, const DeviceLimits& device, ResidentPlan* out) {
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  const Tiling& t = base.tiling;
+  const int64_t bytes = t.N * t.C * t.items * (kAlongC ? 1 : VEC) * int64_t(sizeof(T));
+  if (!device.cooperative || bytes <= device.l2_bytes) return false;
+  constexpr int64_t kReservedPerBlock = 1024;  // the driver's share of each block's shared memory
+  const int64_t budget = std::min<int64_t>(device.shared_per_block, device.shared_per_sm / kBlocksPerSM - kReservedPerBlock) -
+                         int64_t(resident_static_shared<T, kAlongC, VEC>());
+  const int64_t blocks = int64_t(device.sms) * kBlocksPerSM, channel_tiles = base.grid.x;
+  const int64_t tx = base.block.x, ty = base.block.y;
+  int64_t best = INT64_MAX;
+  for (int64_t want = 1; want <= blocks; ++want) {
+    Plan p = base;
+    int64_t n_per, i_per;
+    if (kAlongC) {
+      split_two(want, t.items, ty, t.N, 1, &i_per, &n_per);
+    } else {
+      split_two(want, t.N, ty, t.items, tx, &n_per, &i_per);
+    }
+    p.tiling.n_per_split = n_per;
+    p.tiling.items_per_split = i_per;
+    p.grid.y = unsigned(ceil_div(t.N, n_per));
+    p.grid.z = unsigned(ceil_div(t.items, i_per));
+    const int64_t splits = p.num_splits(), steps = max_steps(p, U);
+    const int64_t shared = steps * U * kThreads * int64_t(sizeof(Vec<T, VEC>));
+    if (splits > blocks || shared > budget) continue;
+    const int64_t tiles_per_round = std::min(channel_tiles, blocks / splits);
+    const int64_t cost = ceil_div(channel_tiles, tiles_per_round) * steps;
+    if (cost >= best) continue;
+    best = cost;
+    p.grid.x = unsigned(tiles_per_round);
+    *out = ResidentPlan{p, channel_tiles, size_t(shared)};
+  }
+  return best != INT64_MAX;
+}
+
 // ---- host: dispatch and launchers ------------------------------------------------------------
 
 template <typename T>
@@ -871,15 +1042,55 @@ bool backward_needs_sums(const BnBackwardArgs& a) {
   return (a.grad_input && a.training) || a.grad_weight || a.grad_bias;
 }
 
+// The forward's launch plan (rewrites the views in `ops`, as make_plan does); in training, also
+// the one-pass plan when plan_resident takes the call.
+template <typename T>
+cudaError_t plan_forward(bool training, DType dtype, std::array<Operand, 3>& ops, Plan* plan,
+                         std::optional<ResidentPlan>* resident) {
+  if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), plan); err != cudaSuccess) return err;
+  resident->reset();
+  if (!training) return cudaSuccess;
+  DeviceLimits device;
+  if (const cudaError_t err = device_limits(&device); err != cudaSuccess) return err;
+  return dispatch_layout<T>(*plan, [&](auto along_c, auto vec) {
+    ResidentPlan r;
+    if (plan_resident<T, decltype(along_c)::value, decltype(vec)::value>(*plan, device, &r)) *resident = r;
+    return cudaSuccess;
+  });
+}
+
+// A cooperative launch of bn_forward_resident_kernel on `r`.
+template <typename T, typename P, bool kAlongC, int VEC>
+cudaError_t launch_resident(const ForwardParams<T, P>& p, const ResidentPlan& r, cudaStream_t stream) {
+  const auto kernel = bn_forward_resident_kernel<T, P, kAlongC, VEC>;
+  if (const cudaError_t err =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(r.shared_bytes));
+      err != cudaSuccess) {
+    return err;
+  }
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = r.plan.grid;
+  config.blockDim = r.plan.block;
+  config.dynamicSmemBytes = r.shared_bytes;
+  config.stream = stream;
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p, r.plan.tiling, r.channel_tiles);
+}
+
 template <typename T, typename P>
 cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
   auto ops = forward_operands(a);
   Plan plan;
-  if (const cudaError_t err = make_plan(a.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
+  std::optional<ResidentPlan> resident;
+  if (const cudaError_t err = plan_forward<T>(training, a.input_dtype, ops, &plan, &resident); err != cudaSuccess) {
     return err;
   }
-  const int64_t C = plan.tiling.C, S = plan.num_splits();
+  const int64_t C = plan.tiling.C, S = resident ? resident->plan.num_splits() : plan.num_splits();
   ForwardParams<T, P> p{};
   p.input = static_cast<const T*>(a.input);
   p.in_view = ops[0].view;
@@ -909,6 +1120,7 @@ cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cuda
       bn_forward_kernel<T, P, kAlongC, VEC, false><<<plan.grid, plan.block, 0, stream>>>(p, plan.tiling);
       return cudaGetLastError();
     }
+    if (resident) return launch_resident<T, P, kAlongC, VEC>(p, *resident, stream);
     bn_stats_kernel<T, kAlongC, VEC><<<plan.grid, plan.block, 0, stream>>>(p.input, p.in_view, plan.tiling, p.partials);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     bn_forward_kernel<T, P, kAlongC, VEC, true><<<plan.grid, plan.block, 0, stream>>>(p, plan.tiling);
@@ -979,13 +1191,18 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
 }  // namespace
 
 cudaError_t bn_forward_train_workspace(const BnForwardArgs& args, size_t* bytes) {
-  auto ops = forward_operands(args);
-  Plan plan;
-  if (const cudaError_t err = make_plan(args.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
-    return err;
-  }
-  *bytes = 3 * size_t(plan.num_splits()) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
-  return cudaSuccess;
+  return dispatch_dtypes(args.input_dtype, args.param_dtype, [&](auto t, auto) {
+    auto ops = forward_operands(args);
+    Plan plan;
+    std::optional<ResidentPlan> resident;
+    if (const cudaError_t err = plan_forward<typename decltype(t)::type>(true, args.input_dtype, ops, &plan, &resident);
+        err != cudaSuccess) {
+      return err;
+    }
+    const int64_t splits = resident ? resident->plan.num_splits() : plan.num_splits();
+    *bytes = 3 * size_t(splits) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
+    return cudaSuccess;
+  });
 }
 
 cudaError_t bn_forward_train(const BnForwardArgs& args, void* workspace, cudaStream_t stream) {
