@@ -30,6 +30,7 @@
 // that keeps x in shared memory between the statistics and the normalization, with a grid sync
 // between the two, per round of channel tiles.
 #include "cuda/batch_norm.h"
+#include "cuda/cooperative_launch.h"
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -1068,17 +1069,8 @@ cudaError_t launch_resident(const ForwardParams<T, P>& p, const ResidentPlan& r,
       err != cudaSuccess) {
     return err;
   }
-  cudaLaunchAttribute cooperative{};
-  cooperative.id = cudaLaunchAttributeCooperative;
-  cooperative.val.cooperative = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = r.plan.grid;
-  config.blockDim = r.plan.block;
-  config.dynamicSmemBytes = r.shared_bytes;
-  config.stream = stream;
-  config.attrs = &cooperative;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, p, r.plan.tiling, r.channel_tiles);
+  return launch_cooperative(kernel, r.plan.grid, r.plan.block, r.shared_bytes, stream, p, r.plan.tiling,
+                            r.channel_tiles);
 }
 
 template <typename T, typename P>

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda/cooperative_launch.h"
 #include "selftest.h"
 
 namespace {
@@ -81,17 +82,8 @@ cudaError_t launch_grid_rotate(const float* in, float* out, unsigned blocks, uns
       return err;
     }
   }
-  cudaLaunchAttribute cooperative{};
-  cooperative.id = cudaLaunchAttributeCooperative;
-  cooperative.val.cooperative = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = kRotateShared;
-  config.stream = nullptr;
-  config.attrs = &cooperative;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, grid_rotate<kTag>, in, out);
+  return cnnkern::cuda::launch_cooperative(grid_rotate<kTag>, dim3(blocks), dim3(threads), kRotateShared, nullptr,
+                                           in, out);
 }
 
 }  // namespace

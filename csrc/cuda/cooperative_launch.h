@@ -1,0 +1,29 @@
+// A cooperative launch: every block of the grid resident at once, so that the kernel may sync the
+// whole grid (cooperative_groups::this_grid().sync()). The runtime refuses a grid larger than the
+// occupancy allows (cudaErrorCooperativeLaunchTooLarge). Dynamic shared memory above 48 KB needs
+// the kernel's limit raised first (cudaFuncAttributeMaxDynamicSharedMemorySize).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <utility>
+
+namespace cnnkern::cuda {
+
+template <class... Params, class... Args>
+cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                               cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace cnnkern::cuda
