@@ -354,16 +354,19 @@ __device__ Acc block_merge(Acc acc, int groups) {
   return acc;
 }
 
-// This thread's share of merging the num_splits partials of its channels (c, ...): along C the
-// threads of one channel group (threadIdx.y) take turns, along L all threads of the block do.
+// The block total of the num_splits partials of its channels (c, ...), in threads [0, groups) as
+// block_merge leaves it. Each thread first merges its share: along C the threads of one channel
+// group (threadIdx.y) take turns, along L all threads of the block do. Every thread of the block
+// must call it.
 template <bool kAlongC, class Acc, class Partials>
-__device__ Acc merge_partials(const Partials& partials, int num_splits, int64_t c, int64_t C) {
+__device__ Acc merge_partials(const Partials& partials, int num_splits, int64_t c, int64_t C, int groups) {
   Acc acc = Acc::empty();
-  if (c >= C) return acc;
   const int first = kAlongC ? int(threadIdx.y) : thread_rank();
   const int step = kAlongC ? int(blockDim.y) : kThreads;
-  for (int s = first; s < num_splits; s += step) acc.merge(partials.template load<Acc::kChannels>(s, c, C));
-  return acc;
+  if (c < C) {
+    for (int s = first; s < num_splits; s += step) acc.merge(partials.template load<Acc::kChannels>(s, c, C));
+  }
+  return block_merge(acc, groups);
 }
 
 // Statistics of one step's items u < count (per channel, VEC / K values of each item), two-pass
@@ -530,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 
   Welford<A, K> batch = Welford<A, K>::empty();
   if constexpr (kTraining) {
-    batch = block_merge(merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
+    batch = merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
   }
   const Coefficients<A, K> co = channel_coefficients<kTraining>(p, tile, groups, batch, tile.first_split);
   if (!tile.channel_ok) return;
@@ -543,12 +546,29 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   });
 }
 
-// Training forward in one pass over x from DRAM, for tensors larger than L2: a cooperative grid
-// of gridDim.x channel tiles by S = gridDim.y * gridDim.z splits, resident on the GPU, takes the
-// channel tiles in rounds of gridDim.x. In a round, each block loads its split of x into shared
-// memory while accumulating its Welford partial; after a grid sync (every partial of the round is
-// written) it merges its tile's partials, normalizes from shared memory and writes y. Each thread
-// keeps its own items in shared memory, at slots no other thread touches: no barrier guards them.
+// The rounds of a resident kernel: a cooperative grid of gridDim.x channel tiles by S =
+// gridDim.y * gridDim.z splits takes the tensor's channel tiles gridDim.x at a time. Per round,
+// each block calls gather(tile) (reads its split, keeps it in shared memory, stores its partial),
+// the grid syncs (every partial of the round is written), then apply(tile) (merges the tile's
+// partials, writes from shared memory). A block without a tile in the last round only syncs.
+template <bool kAlongC, int VEC, class Gather, class Apply>
+__device__ __forceinline__ void resident_rounds(const Tiling& tiling, int64_t channel_tiles, Gather&& gather,
+                                                Apply&& apply) {
+  const int64_t rounds = (channel_tiles + gridDim.x - 1) / gridDim.x;
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t tile_x = round * gridDim.x + blockIdx.x;
+    const bool active = tile_x < channel_tiles;  // the same for the whole block
+    const ThreadTile<kAlongC, VEC> tile(tiling, active ? tile_x : 0);
+    if (active) gather(tile);
+    cooperative_groups::this_grid().sync();
+    if (active) apply(tile);
+  }
+}
+
+// Training forward in one pass over x from DRAM, for tensors larger than L2 (resident_rounds):
+// each block loads its split of x into shared memory while accumulating its Welford partial, then
+// merges its tile's partials, normalizes from shared memory and writes y. Each thread keeps its
+// own items in shared memory, at slots no other thread touches: no barrier guards them.
 template <typename T, typename P, bool kAlongC, int VEC>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     bn_forward_resident_kernel(const ForwardParams<T, P> p,  // tensors and scalars, see ForwardParams
@@ -562,29 +582,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   Vec<T, VEC>* const kept = reinterpret_cast<Vec<T, VEC>*>(resident);
   const int groups = channel_groups<kAlongC>();
   const int rank = thread_rank();
-  const int64_t rounds = (channel_tiles + gridDim.x - 1) / gridDim.x;
 
-  for (int64_t round = 0; round < rounds; ++round) {
-    const int64_t tile_x = round * gridDim.x + blockIdx.x;
-    const bool active = tile_x < channel_tiles;  // the same for the whole block
-    const ThreadTile<kAlongC, VEC> tile(tiling, active ? tile_x : 0);
-    if (active) {
-      Welford<A, K> acc = Welford<A, K>::empty();
-      int64_t slot = rank;
-      for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
-        Vec<T, VEC> x[U];
-        load_step(p.input, p.in_view, tile, n, i, count, x);
+  const auto gather = [&](const ThreadTile<kAlongC, VEC>& tile) {
+    Welford<A, K> acc = Welford<A, K>::empty();
+    int64_t slot = rank;
+    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+      Vec<T, VEC> x[U];
+      load_step(p.input, p.in_view, tile, n, i, count, x);
 #pragma unroll
-        for (int u = 0; u < U; ++u, slot += kThreads) kept[slot] = x[u];
-        acc.merge(step_stats<K>(x, count));
-      });
-      acc = block_merge(acc, groups);
-      if (rank < groups && tile.channel_ok) p.partials.store(split_index(), tile.c, tiling.C, acc);
-    }
-    cooperative_groups::this_grid().sync();
-    if (!active) continue;
+      for (int u = 0; u < U; ++u, slot += kThreads) kept[slot] = x[u];
+      acc.merge(step_stats<K>(x, count));
+    });
+    acc = block_merge(acc, groups);
+    if (rank < groups && tile.channel_ok) p.partials.store(split_index(), tile.c, tiling.C, acc);
+  };
+  const auto apply = [&](const ThreadTile<kAlongC, VEC>& tile) {
     const Welford<A, K> batch =
-        block_merge(merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
+        merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
     const Coefficients<A, K> co = channel_coefficients<true>(p, tile, groups, batch, tile.first_split);
     int64_t slot = rank;
     for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
@@ -595,15 +609,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       normalize_step(x, r, co, p.relu);
       store_step(p.output, p.out_view, tile, n, i, count, x);
     });
-  }
-}
-
-// The static __shared__ bytes of bn_forward_resident_kernel (block_merge's warp totals and
-// channel_coefficients' table): they share each SM's shared memory with the dynamic part.
-template <typename T, bool kAlongC, int VEC>
-constexpr size_t resident_static_shared() {
-  constexpr int K = kAlongC ? VEC : 1;
-  return sizeof(Welford<acc_t<T>, K>) * kWarps * 32 + sizeof(acc_t<T>) * 32 * 3 * K;
+  };
+  resident_rounds<kAlongC, VEC>(tiling, channel_tiles, gather, apply);
 }
 
 // Loads a step of gz = g, or with relu (`relu_output` non-null) g where the forward output is > 0
@@ -695,30 +702,23 @@ struct BackwardParams {
   bool training;   // grad_input flows through the batch mean and invstd
 };
 
-// Backward, elementwise. Each block merges its channels' partial sums, its split-0 block writes
-// grad_weight / grad_bias, then over its split:
-//   training: grad_input = (gz - sum_gz / M - (x - mean) * invstd^2 * sum_gzxmu / M) * w * invstd
-//   eval:     grad_input = gz * w * invstd
-//   grad_residual = gz.
-template <typename T, typename P, bool kAlongC, int VEC>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
-    bn_backward_kernel(const BackwardParams<T, P> p,  // tensors and scalars, see BackwardParams
-                       const Tiling tiling)           // the grid's cover of (N, C, L)
-{
-  using A = acc_t<T>;
-  constexpr int K = kAlongC ? VEC : 1;
-  constexpr int kPerItem = VEC / K;
-  constexpr int U = items_per_step(sizeof(T) * VEC);
-  const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
-  const int groups = channel_groups<kAlongC>();
-  const int rank = thread_rank();
+// Per channel: grad_input = (gz - mean_gz - (x - mean) * proj) * scale in training, gz * scale
+// in eval, with scale = w * invstd, mean_gz = sum_gz / M and proj = invstd^2 * sum_gzxmu / M.
+template <typename A, int K>
+struct GradCoefficients {
+  A mean[K], scale[K], mean_gz[K], proj[K];
+};
 
-  GradSums<A, K> sums = GradSums<A, K>::empty();
-  if (p.num_splits > 0) {  // uniform over the block, as block_merge requires
-    sums = block_merge(merge_partials<kAlongC, GradSums<A, K>>(p.partials, p.num_splits, tile.c, tiling.C), groups);
-  }
-  // Per channel group: mean, scale = w * invstd, mean of gz, and invstd^2 * mean of gz * (x - mean).
-  __shared__ A coef[32][4][K];
+// The backward coefficients of the thread's channels, from the block totals `sums` (threads
+// [0, groups), from block_merge); the block that holds split 0 of its channels writes
+// grad_weight / grad_bias. Every thread of the block must call it.
+template <typename T, typename P, int K, class Tile>
+__device__ GradCoefficients<acc_t<T>, K> grad_coefficients(const BackwardParams<T, P>& p, const Tile& tile, int groups,
+                                                           const GradSums<acc_t<T>, K>& sums) {
+  using A = acc_t<T>;
+  __shared__ A coef[32][4][K];  // per channel group: mean, scale, mean_gz, proj
+  const int rank = thread_rank();
+  __syncthreads();  // a previous call's readers are done with coef
   if (rank < groups && tile.channel_ok) {
     const A m = A(p.count);
 #pragma unroll
@@ -734,15 +734,54 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     }
   }
   __syncthreads();
-  if (!tile.channel_ok || (!p.grad_input && !p.grad_residual)) return;
-
-  const int group = kAlongC ? int(threadIdx.x) : 0;
-  A mean[K], scale[K], mean_gz[K], proj[K];
+  const int group = groups > 1 ? rank % groups : 0;  // along C: threadIdx.x
+  GradCoefficients<A, K> out;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    mean[k] = coef[group][0][k], scale[k] = coef[group][1][k];
-    mean_gz[k] = coef[group][2][k], proj[k] = coef[group][3][k];
+    out.mean[k] = coef[group][0][k], out.scale[k] = coef[group][1][k];
+    out.mean_gz[k] = coef[group][2][k], out.proj[k] = coef[group][3][k];
   }
+  return out;
+}
+
+// grad_input of a step's items, into x (read only in training).
+template <int U, int VEC, int K, typename T>
+__device__ __forceinline__ void grad_input_step(const Vec<T, VEC> (&gz)[U], Vec<T, VEC> (&x)[U],
+                                                const GradCoefficients<acc_t<T>, K>& co, bool training) {
+  using A = acc_t<T>;
+  constexpr int kPerItem = VEC / K;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const int k = e / kPerItem;
+      const A g = to_acc(gz[u].v[e]);
+      const A dx = training ? g - co.mean_gz[k] - (to_acc(x[u].v[e]) - co.mean[k]) * co.proj[k] : g;
+      x[u].v[e] = from_acc<T>(dx * co.scale[k]);
+    }
+  }
+}
+
+// Backward, elementwise. Each block merges its channels' partial sums, its split-0 block writes
+// grad_weight / grad_bias, then over its split writes grad_input (see GradCoefficients) and
+// grad_residual = gz.
+template <typename T, typename P, bool kAlongC, int VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_backward_kernel(const BackwardParams<T, P> p,  // tensors and scalars, see BackwardParams
+                       const Tiling tiling)           // the grid's cover of (N, C, L)
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
+  const int groups = channel_groups<kAlongC>();
+
+  GradSums<A, K> sums = GradSums<A, K>::empty();
+  if (p.num_splits > 0) {  // uniform over the block, as block_merge requires
+    sums = merge_partials<kAlongC, GradSums<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
+  }
+  const GradCoefficients<A, K> co = grad_coefficients(p, tile, groups, sums);
+  if (!tile.channel_ok || (!p.grad_input && !p.grad_residual)) return;
   const bool read_x = p.grad_input && p.training;
 
   for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
@@ -751,18 +790,82 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     if (p.grad_residual) store_step(p.grad_residual, p.gr_view, tile, n, i, count, gz);
     if (!p.grad_input) return;  // to the next step
     if (read_x) load_step(p.input, p.in_view, tile, n, i, count, x);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int k = e / kPerItem;
-        const A g = to_acc(gz[u].v[e]);
-        const A dx = p.training ? g - mean_gz[k] - (to_acc(x[u].v[e]) - mean[k]) * proj[k] : g;
-        x[u].v[e] = from_acc<T>(dx * scale[k]);
-      }
-    }
+    grad_input_step(gz, x, co, p.training);
     store_step(p.grad_input, p.gi_view, tile, n, i, count, x);
   });
+}
+
+// Training backward with grad_input in one pass over its inputs from DRAM, for tensors larger
+// than L2 (resident_rounds): each block loads gz (from g and the ReLU mask) and x of its split,
+// writes grad_residual = gz right away, keeps both in shared memory while summing its partials,
+// then merges its tile's partials and writes grad_input from shared memory.
+template <typename T, typename P, bool kAlongC, int VEC>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    bn_backward_resident_kernel(const BackwardParams<T, P> p,  // tensors and scalars; training, grad_input wanted
+                                const Tiling tiling,           // one channel tile's cover; gridDim.x tiles a round
+                                const int64_t channel_tiles,   // of the whole tensor
+                                const int64_t kept_items)      // per tensor kept: gz's items, then x's
+{
+  using A = acc_t<T>;
+  constexpr int K = kAlongC ? VEC : 1;
+  constexpr int kPerItem = VEC / K;
+  constexpr int U = items_per_step(sizeof(T) * VEC);
+  extern __shared__ __align__(16) unsigned char resident[];  // per thread rank: its items, U per step
+  Vec<T, VEC>* const kept_gz = reinterpret_cast<Vec<T, VEC>*>(resident);
+  Vec<T, VEC>* const kept_x = kept_gz + kept_items;
+  const int groups = channel_groups<kAlongC>();
+  const int rank = thread_rank();
+
+  const auto gather = [&](const ThreadTile<kAlongC, VEC>& tile) {
+    A mu[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? p.mean[tile.c + k] : A(0);
+    GradSums<A, K> acc = GradSums<A, K>::empty();
+    int64_t slot = rank;
+    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+      Vec<T, VEC> gz[U], x[U];
+      load_gz(p.grad_output, p.g_view, p.relu_output, p.out_view, tile, n, i, count, gz);
+      if (p.grad_residual) store_step(p.grad_residual, p.gr_view, tile, n, i, count, gz);
+      load_step(p.input, p.in_view, tile, n, i, count, x);
+#pragma unroll
+      for (int u = 0; u < U; ++u, slot += kThreads) {
+        kept_gz[slot] = gz[u];
+        kept_x[slot] = x[u];
+        if (u >= count) continue;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const int k = e / kPerItem;
+          const A g = to_acc(gz[u].v[e]);
+          acc.gz[k] += g;
+          acc.gzxmu[k] += g * (to_acc(x[u].v[e]) - mu[k]);
+        }
+      }
+    });
+    acc = block_merge(acc, groups);
+    if (rank < groups && tile.channel_ok) p.partials.store(split_index(), tile.c, tiling.C, acc);
+  };
+  const auto apply = [&](const ThreadTile<kAlongC, VEC>& tile) {
+    const GradSums<A, K> sums =
+        merge_partials<kAlongC, GradSums<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
+    const GradCoefficients<A, K> co = grad_coefficients(p, tile, groups, sums);
+    int64_t slot = rank;
+    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+      Vec<T, VEC> gz[U], x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u, slot += kThreads) gz[u] = kept_gz[slot], x[u] = kept_x[slot];
+      grad_input_step(gz, x, co, /*training=*/true);
+      store_step(p.grad_input, p.gi_view, tile, n, i, count, x);
+    });
+  };
+  resident_rounds<kAlongC, VEC>(tiling, channel_tiles, gather, apply);
+}
+
+// The static __shared__ bytes of a resident kernel that merges `Acc` (block_merge's warp totals)
+// and keeps kCoefficients values of type A per channel (the coefficient table of 32 channel
+// groups): they share each SM's shared memory with the dynamic part.
+template <class Acc, typename A, int kCoefficients>
+constexpr size_t resident_static_shared() {
+  return sizeof(Acc) * kWarps * 32 + sizeof(A) * 32 * kCoefficients * Acc::kChannels;
 }
 
 // ---- host: launch planning -------------------------------------------------------------------
@@ -937,28 +1040,33 @@ int64_t max_steps(const Plan& plan, int U) {
   return ceil_div(t.n_per_split, ty) * ceil_div(t.items_per_split, U * tx);
 }
 
-// The training forward in one pass (bn_forward_resident_kernel): `plan` with the grid of one round
-// (channel tiles per round, splits), `channel_tiles` of the tensor, `shared_bytes` per block.
+// A one-pass launch (bn_forward_resident_kernel, bn_backward_resident_kernel): `plan` with the
+// grid of one round (channel tiles per round, splits), `channel_tiles` of the tensor, the items
+// each block keeps per tensor, and its dynamic shared memory.
 struct ResidentPlan {
   Plan plan;
   int64_t channel_tiles;
+  int64_t kept_items;
   size_t shared_bytes;
 };
 
-// Whether the training forward of the tensor `base` plans runs in one pass, and how: when the input
-// is larger than L2 (below that, the two-pass kernels re-read it from L2 anyway) and the grid can
-// hold every channel tile of a round in shared memory, kBlocksPerSM blocks per SM. Among the split
-// counts that fit, the one with the fewest steps in total for the busiest thread (rounds x steps
-// per round); ties go to fewer splits (fewer partials to merge).
+// Whether a launch over the tensors `base` plans runs in one pass, keeping `kept_tensors` of them
+// in shared memory, and how: when the input is larger than L2 (below that, the two-pass kernels
+// re-read it from L2 anyway) and the grid can hold every channel tile of a round in shared memory,
+// kBlocksPerSM blocks per SM, next to the kernel's `static_shared` bytes. Among the split counts
+// that fit, the one with the fewest steps in total for the busiest thread (rounds x steps per
+// round); ties go to fewer splits (fewer partials to merge).
 template <typename T, bool kAlongC, int VEC>
-bool plan_resident(const Plan& base, const DeviceLimits& device, ResidentPlan* out) {
+bool plan_resident(const Plan& base, const DeviceLimits& device, int kept_tensors, size_t static_shared,
+                   ResidentPlan* out) {
   constexpr int U = items_per_step(sizeof(T) * VEC);
   const Tiling& t = base.tiling;
   const int64_t bytes = t.N * t.C * t.items * (kAlongC ? 1 : VEC) * int64_t(sizeof(T));
   if (!device.cooperative || bytes <= device.l2_bytes) return false;
   constexpr int64_t kReservedPerBlock = 1024;  // the driver's share of each block's shared memory
-  const int64_t budget = std::min<int64_t>(device.shared_per_block, device.shared_per_sm / kBlocksPerSM - kReservedPerBlock) -
-                         int64_t(resident_static_shared<T, kAlongC, VEC>());
+  const int64_t budget =
+      std::min<int64_t>(device.shared_per_block, device.shared_per_sm / kBlocksPerSM - kReservedPerBlock) -
+      int64_t(static_shared);
   const int64_t blocks = int64_t(device.sms) * kBlocksPerSM, channel_tiles = base.grid.x;
   const int64_t tx = base.block.x, ty = base.block.y;
   int64_t best = INT64_MAX;
@@ -974,15 +1082,15 @@ bool plan_resident(const Plan& base, const DeviceLimits& device, ResidentPlan* o
     p.tiling.items_per_split = i_per;
     p.grid.y = unsigned(ceil_div(t.N, n_per));
     p.grid.z = unsigned(ceil_div(t.items, i_per));
-    const int64_t splits = p.num_splits(), steps = max_steps(p, U);
-    const int64_t shared = steps * U * kThreads * int64_t(sizeof(Vec<T, VEC>));
+    const int64_t splits = p.num_splits(), steps = max_steps(p, U), kept = steps * U * kThreads;
+    const int64_t shared = kept_tensors * kept * int64_t(sizeof(Vec<T, VEC>));
     if (splits > blocks || shared > budget) continue;
     const int64_t tiles_per_round = std::min(channel_tiles, blocks / splits);
     const int64_t cost = ceil_div(channel_tiles, tiles_per_round) * steps;
     if (cost >= best) continue;
     best = cost;
     p.grid.x = unsigned(tiles_per_round);
-    *out = ResidentPlan{p, channel_tiles, size_t(shared)};
+    *out = ResidentPlan{p, channel_tiles, kept, size_t(shared)};
   }
   return best != INT64_MAX;
 }
@@ -1054,23 +1162,26 @@ cudaError_t plan_forward(bool training, DType dtype, std::array<Operand, 3>& ops
   DeviceLimits device;
   if (const cudaError_t err = device_limits(&device); err != cudaSuccess) return err;
   return dispatch_layout<T>(*plan, [&](auto along_c, auto vec) {
+    constexpr bool kAlongC = decltype(along_c)::value;
+    constexpr int VEC = decltype(vec)::value, K = kAlongC ? VEC : 1;
+    using A = acc_t<T>;
     ResidentPlan r;
-    if (plan_resident<T, decltype(along_c)::value, decltype(vec)::value>(*plan, device, &r)) *resident = r;
+    if (plan_resident<T, kAlongC, VEC>(*plan, device, 1, resident_static_shared<Welford<A, K>, A, 3>(), &r)) {
+      *resident = r;
+    }
     return cudaSuccess;
   });
 }
 
-// A cooperative launch of bn_forward_resident_kernel on `r`.
-template <typename T, typename P, bool kAlongC, int VEC>
-cudaError_t launch_resident(const ForwardParams<T, P>& p, const ResidentPlan& r, cudaStream_t stream) {
-  const auto kernel = bn_forward_resident_kernel<T, P, kAlongC, VEC>;
+// A cooperative launch of a resident kernel on `r`.
+template <class... Params, class... Args>
+cudaError_t launch_resident(void (*kernel)(Params...), const ResidentPlan& r, cudaStream_t stream, Args&&... args) {
   if (const cudaError_t err =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(r.shared_bytes));
       err != cudaSuccess) {
     return err;
   }
-  return launch_cooperative(kernel, r.plan.grid, r.plan.block, r.shared_bytes, stream, p, r.plan.tiling,
-                            r.channel_tiles);
+  return launch_cooperative(kernel, r.plan.grid, r.plan.block, r.shared_bytes, stream, std::forward<Args>(args)...);
 }
 
 template <typename T, typename P>
@@ -1112,11 +1223,38 @@ cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cuda
       bn_forward_kernel<T, P, kAlongC, VEC, false><<<plan.grid, plan.block, 0, stream>>>(p, plan.tiling);
       return cudaGetLastError();
     }
-    if (resident) return launch_resident<T, P, kAlongC, VEC>(p, *resident, stream);
+    if (resident) {
+      return launch_resident(bn_forward_resident_kernel<T, P, kAlongC, VEC>, *resident, stream, p,
+                             resident->plan.tiling, resident->channel_tiles);
+    }
     bn_stats_kernel<T, kAlongC, VEC><<<plan.grid, plan.block, 0, stream>>>(p.input, p.in_view, plan.tiling, p.partials);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
     bn_forward_kernel<T, P, kAlongC, VEC, true><<<plan.grid, plan.block, 0, stream>>>(p, plan.tiling);
     return cudaGetLastError();
+  });
+}
+
+// The backward's launch plan (rewrites the views in `ops`, as make_plan does); in training with
+// grad_input wanted, also the one-pass plan when plan_resident takes the call.
+template <typename T>
+cudaError_t plan_backward(const BnBackwardArgs& a, std::array<Operand, 5>& ops, Plan* plan,
+                          std::optional<ResidentPlan>* resident) {
+  if (const cudaError_t err = make_plan(a.input_dtype, ops.data(), int(ops.size()), plan); err != cudaSuccess) {
+    return err;
+  }
+  resident->reset();
+  if (!a.training || !a.grad_input) return cudaSuccess;
+  DeviceLimits device;
+  if (const cudaError_t err = device_limits(&device); err != cudaSuccess) return err;
+  return dispatch_layout<T>(*plan, [&](auto along_c, auto vec) {
+    constexpr bool kAlongC = decltype(along_c)::value;
+    constexpr int VEC = decltype(vec)::value, K = kAlongC ? VEC : 1;
+    using A = acc_t<T>;
+    ResidentPlan r;
+    if (plan_resident<T, kAlongC, VEC>(*plan, device, 2, resident_static_shared<GradSums<A, K>, A, 4>(), &r)) {
+      *resident = r;
+    }
+    return cudaSuccess;
   });
 }
 
@@ -1127,10 +1265,9 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   if (!sums && !elementwise) return cudaSuccess;
   auto ops = backward_operands(a);
   Plan plan;
-  if (const cudaError_t err = make_plan(a.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
-    return err;
-  }
-  const int64_t C = plan.tiling.C, S = plan.num_splits();
+  std::optional<ResidentPlan> resident;
+  if (const cudaError_t err = plan_backward<T>(a, ops, &plan, &resident); err != cudaSuccess) return err;
+  const int64_t C = plan.tiling.C, S = resident ? resident->plan.num_splits() : plan.num_splits();
   BackwardParams<T, P> p{};
   p.grad_output = static_cast<const T*>(a.grad_output);
   p.g_view = ops[1].view;
@@ -1154,6 +1291,13 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   p.grad_bias = static_cast<P*>(a.grad_bias);
   p.count = a.input_view.N * a.input_view.L;
   p.training = a.training;
+  if (resident) {
+    return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
+      return launch_resident(bn_backward_resident_kernel<T, P, decltype(along_c)::value, decltype(vec)::value>,
+                             *resident, stream, p, resident->plan.tiling, resident->channel_tiles,
+                             resident->kept_items);
+    });
+  }
   // With relu, launch 1 writes grad_residual (gz) and launch 2 reads it instead of grad_output
   // and the output: one tensor fewer to read.
   const bool residual_first = sums && p.relu_output && p.grad_residual;
@@ -1216,13 +1360,18 @@ cudaError_t bn_forward_eval(const BnForwardArgs& args, cudaStream_t stream) {
 cudaError_t bn_backward_workspace(const BnBackwardArgs& args, size_t* bytes) {
   *bytes = 0;
   if (!backward_needs_sums(args)) return cudaSuccess;
-  auto ops = backward_operands(args);
-  Plan plan;
-  if (const cudaError_t err = make_plan(args.input_dtype, ops.data(), int(ops.size()), &plan); err != cudaSuccess) {
-    return err;
-  }
-  *bytes = 2 * size_t(plan.num_splits()) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
-  return cudaSuccess;
+  return dispatch_dtypes(args.input_dtype, args.param_dtype, [&](auto t, auto) {
+    auto ops = backward_operands(args);
+    Plan plan;
+    std::optional<ResidentPlan> resident;
+    if (const cudaError_t err = plan_backward<typename decltype(t)::type>(args, ops, &plan, &resident);
+        err != cudaSuccess) {
+      return err;
+    }
+    const int64_t splits = resident ? resident->plan.num_splits() : plan.num_splits();
+    *bytes = 2 * size_t(splits) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
+    return cudaSuccess;
+  });
 }
 
 cudaError_t bn_backward(const BnBackwardArgs& args, void* workspace, cudaStream_t stream) {
