@@ -14,8 +14,8 @@ THREADS = 128  # selftest.cu's block size
 
 def selftest(emu, kernel, blocks=3, threads=THREADS):
     x = torch.randn(blocks * THREADS)
-    out = torch.full_like(x, float("nan"))
-    return emu.selftest(kernel, x, out, blocks, threads), x, out
+    out = torch.full((blocks * THREADS + 1,), float("nan"))  # the spin kernels' counter last
+    return emu.selftest(kernel, x, out, blocks, threads), x, out[:-1]
 
 
 def test_selftest_block_sums(cuda_emulator):
@@ -65,6 +65,23 @@ def test_selftest_cooperative_launch(cuda_emulator):
 def test_selftest_cooperative_launch_rules(cuda_emulator, kernel, blocks, message):
     cuda_emulator.use_device(3)
     err, _, _ = selftest(cuda_emulator, kernel, blocks=blocks)
+    assert message in err, err
+
+
+def test_selftest_spin_wait(cuda_emulator):
+    cuda_emulator.use_device(3)
+    err, x, out = selftest(cuda_emulator, "spin_meeting", blocks=5)
+    assert err == "no error"
+    torch.testing.assert_close(out.view(5, THREADS), x.view(5, THREADS).sum(0).expand(5, THREADS))
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ("spin_deadlock", "deadlock: threads spin-wait for what no thread of the grid will do"),
+    ("spin_uncooperative", "a spin wait that only other blocks can end, in a launch that is not cooperative"),
+])
+def test_selftest_spin_wait_rules(cuda_emulator, kernel, message):
+    cuda_emulator.use_device(3)
+    err, _, _ = selftest(cuda_emulator, kernel, blocks=5)
     assert message in err, err
 
 

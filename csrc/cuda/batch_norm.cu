@@ -32,7 +32,6 @@
 #include "cuda/batch_norm.h"
 #include "cuda/cooperative_launch.h"
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -288,6 +287,8 @@ struct GradSums {
 };
 
 // Per-split Welford statistics, the training forward's workspace: three (S, C) arrays, row-major.
+// Loads read L2 (__ldcg), past the SM's L1: in a resident kernel, L1 may still hold a line of them
+// from an earlier round, read before other blocks wrote this round's partials into it.
 template <typename A>
 struct StatPartials {
   A* n;
@@ -298,9 +299,9 @@ struct StatPartials {
   __device__ Welford<A, K> load(int64_t split, int64_t c, int64_t C) const {
     const int64_t at = split * C + c;
     Welford<A, K> w;
-    w.n = n[at];
+    w.n = __ldcg(n + at);
 #pragma unroll
-    for (int k = 0; k < K; ++k) w.mean[k] = mean[at + k], w.m2[k] = m2[at + k];
+    for (int k = 0; k < K; ++k) w.mean[k] = __ldcg(mean + at + k), w.m2[k] = __ldcg(m2 + at + k);
     return w;
   }
 
@@ -312,7 +313,8 @@ struct StatPartials {
   }
 };
 
-// Per-split backward sums, the backward's workspace: two (S, C) arrays, row-major.
+// Per-split backward sums, the backward's workspace: two (S, C) arrays, row-major, loaded as
+// StatPartials are.
 template <typename A>
 struct GradPartials {
   A* gz;
@@ -323,7 +325,7 @@ struct GradPartials {
     const int64_t at = split * C + c;
     GradSums<A, K> s;
 #pragma unroll
-    for (int k = 0; k < K; ++k) s.gz[k] = gz[at + k], s.gzxmu[k] = gzxmu[at + k];
+    for (int k = 0; k < K; ++k) s.gz[k] = __ldcg(gz + at + k), s.gzxmu[k] = __ldcg(gzxmu + at + k);
     return s;
   }
 
@@ -546,22 +548,30 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   });
 }
 
-// The rounds of a resident kernel: a cooperative grid of gridDim.x channel tiles by S =
-// gridDim.y * gridDim.z splits takes the tensor's channel tiles gridDim.x at a time. Per round,
-// each block calls gather(tile) (reads its split, keeps it in shared memory, stores its partial),
-// the grid syncs (every partial of the round is written), then apply(tile) (merges the tile's
-// partials, writes from shared memory). A block without a tile in the last round only syncs.
+// The rounds of a resident kernel: a grid of gridDim.x channel tiles by S = gridDim.y * gridDim.z
+// splits, all resident at once (a cooperative launch), takes the tensor's channel tiles gridDim.x
+// at a time. Per round, each block calls gather(tile) (reads its split, keeps it in shared memory,
+// stores its partial), waits for the other S - 1 blocks of its tile to have stored theirs, then
+// calls apply(tile) (merges the tile's partials, writes from shared memory). The blocks of a tile
+// meet at a counter, arrivals[blockIdx.x] (zero at launch), rather than at a grid sync: each tile
+// goes on as soon as its own partials are in, so one tile's writes overlap another's reads.
 template <bool kAlongC, int VEC, class Gather, class Apply>
-__device__ __forceinline__ void resident_rounds(const Tiling& tiling, int64_t channel_tiles, Gather&& gather,
-                                                Apply&& apply) {
-  const int64_t rounds = (channel_tiles + gridDim.x - 1) / gridDim.x;
-  for (int64_t round = 0; round < rounds; ++round) {
-    const int64_t tile_x = round * gridDim.x + blockIdx.x;
-    const bool active = tile_x < channel_tiles;  // the same for the whole block
-    const ThreadTile<kAlongC, VEC> tile(tiling, active ? tile_x : 0);
-    if (active) gather(tile);
-    cooperative_groups::this_grid().sync();
-    if (active) apply(tile);
+__device__ __forceinline__ void resident_rounds(const Tiling& tiling, int64_t channel_tiles, unsigned* arrivals,
+                                                Gather&& gather, Apply&& apply) {
+  const unsigned splits = gridDim.y * gridDim.z;
+  for (int64_t round = 0, tile_x = blockIdx.x; tile_x < channel_tiles; ++round, tile_x += gridDim.x) {
+    const ThreadTile<kAlongC, VEC> tile(tiling, tile_x);
+    gather(tile);
+    __threadfence();  // this block's partial is visible to the whole GPU before it counts itself in
+    __syncthreads();
+    if (thread_rank() == 0) {
+      atomicAdd(&arrivals[blockIdx.x], 1u);
+      const unsigned all_in = splits * unsigned(round + 1);
+      while (*reinterpret_cast<volatile unsigned*>(&arrivals[blockIdx.x]) < all_in) __nanosleep(64);
+      __threadfence();
+    }
+    __syncthreads();
+    apply(tile);
   }
 }
 
@@ -573,7 +583,8 @@ template <typename T, typename P, bool kAlongC, int VEC>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     bn_forward_resident_kernel(const ForwardParams<T, P> p,  // tensors and scalars, see ForwardParams
                                const Tiling tiling,          // one channel tile's cover; gridDim.x tiles a round
-                               const int64_t channel_tiles)  // of the whole tensor
+                               const int64_t channel_tiles,  // of the whole tensor
+                               unsigned* const arrivals)     // (gridDim.x,) zeros: resident_rounds' counters
 {
   using A = acc_t<T>;
   constexpr int K = kAlongC ? VEC : 1;
@@ -610,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       store_step(p.output, p.out_view, tile, n, i, count, x);
     });
   };
-  resident_rounds<kAlongC, VEC>(tiling, channel_tiles, gather, apply);
+  resident_rounds<kAlongC, VEC>(tiling, channel_tiles, arrivals, gather, apply);
 }
 
 // Loads a step of gz = g, or with relu (`relu_output` non-null) g where the forward output is > 0
@@ -804,7 +815,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     bn_backward_resident_kernel(const BackwardParams<T, P> p,  // tensors and scalars; training, grad_input wanted
                                 const Tiling tiling,           // one channel tile's cover; gridDim.x tiles a round
                                 const int64_t channel_tiles,   // of the whole tensor
-                                const int64_t kept_items)      // per tensor kept: gz's items, then x's
+                                const int64_t kept_items,      // per tensor kept: gz's items, then x's
+                                unsigned* const arrivals)      // (gridDim.x,) zeros: resident_rounds' counters
 {
   using A = acc_t<T>;
   constexpr int K = kAlongC ? VEC : 1;
@@ -857,7 +869,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       store_step(p.grad_input, p.gi_view, tile, n, i, count, x);
     });
   };
-  resident_rounds<kAlongC, VEC>(tiling, channel_tiles, gather, apply);
+  resident_rounds<kAlongC, VEC>(tiling, channel_tiles, arrivals, gather, apply);
 }
 
 // The static __shared__ bytes of a resident kernel that merges `Acc` (block_merge's warp totals)
@@ -1173,15 +1185,34 @@ cudaError_t plan_forward(bool training, DType dtype, std::array<Operand, 3>& ops
   });
 }
 
-// A cooperative launch of a resident kernel on `r`.
+// Resident kernels' counters (resident_rounds), after `partial_values` statistics of type A in the
+// workspace.
+template <typename A>
+unsigned* arrivals_in(void* workspace, int64_t partial_values) {
+  return reinterpret_cast<unsigned*>(static_cast<A*>(workspace) + partial_values);
+}
+
+// Workspace bytes: `partial_values` statistics of `acc_bytes` each, and a resident plan's counters.
+size_t workspace_bytes(int64_t partial_values, size_t acc_bytes, const std::optional<ResidentPlan>& resident) {
+  return size_t(partial_values) * acc_bytes + (resident ? resident->plan.grid.x * sizeof(unsigned) : 0);
+}
+
+// A cooperative launch of a resident kernel on `r`, its counters `arrivals` zeroed first; the
+// kernel takes them after `args`.
 template <class... Params, class... Args>
-cudaError_t launch_resident(void (*kernel)(Params...), const ResidentPlan& r, cudaStream_t stream, Args&&... args) {
+cudaError_t launch_resident(void (*kernel)(Params...), const ResidentPlan& r, unsigned* arrivals, cudaStream_t stream,
+                            Args&&... args) {
+  if (const cudaError_t err = cudaMemsetAsync(arrivals, 0, r.plan.grid.x * sizeof(unsigned), stream);
+      err != cudaSuccess) {
+    return err;
+  }
   if (const cudaError_t err =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(r.shared_bytes));
       err != cudaSuccess) {
     return err;
   }
-  return launch_cooperative(kernel, r.plan.grid, r.plan.block, r.shared_bytes, stream, std::forward<Args>(args)...);
+  return launch_cooperative(kernel, r.plan.grid, r.plan.block, r.shared_bytes, stream, std::forward<Args>(args)...,
+                            arrivals);
 }
 
 template <typename T, typename P>
@@ -1224,8 +1255,9 @@ cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cuda
       return cudaGetLastError();
     }
     if (resident) {
-      return launch_resident(bn_forward_resident_kernel<T, P, kAlongC, VEC>, *resident, stream, p,
-                             resident->plan.tiling, resident->channel_tiles);
+      return launch_resident(bn_forward_resident_kernel<T, P, kAlongC, VEC>, *resident,
+                             arrivals_in<A>(workspace, 3 * S * C), stream, p, resident->plan.tiling,
+                             resident->channel_tiles);
     }
     bn_stats_kernel<T, kAlongC, VEC><<<plan.grid, plan.block, 0, stream>>>(p.input, p.in_view, plan.tiling, p.partials);
     if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
@@ -1294,8 +1326,8 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   if (resident) {
     return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
       return launch_resident(bn_backward_resident_kernel<T, P, decltype(along_c)::value, decltype(vec)::value>,
-                             *resident, stream, p, resident->plan.tiling, resident->channel_tiles,
-                             resident->kept_items);
+                             *resident, arrivals_in<A>(workspace, 2 * S * C), stream, p, resident->plan.tiling,
+                             resident->channel_tiles, resident->kept_items);
     });
   }
   // With relu, launch 1 writes grad_residual (gz) and launch 2 reads it instead of grad_output
@@ -1336,7 +1368,7 @@ cudaError_t bn_forward_train_workspace(const BnForwardArgs& args, size_t* bytes)
       return err;
     }
     const int64_t splits = resident ? resident->plan.num_splits() : plan.num_splits();
-    *bytes = 3 * size_t(splits) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
+    *bytes = workspace_bytes(3 * splits * plan.tiling.C, acc_size(args.input_dtype), resident);
     return cudaSuccess;
   });
 }
@@ -1369,7 +1401,7 @@ cudaError_t bn_backward_workspace(const BnBackwardArgs& args, size_t* bytes) {
       return err;
     }
     const int64_t splits = resident ? resident->plan.num_splits() : plan.num_splits();
-    *bytes = 2 * size_t(splits) * size_t(plan.tiling.C) * acc_size(args.input_dtype);
+    *bytes = workspace_bytes(2 * splits * plan.tiling.C, acc_size(args.input_dtype), resident);
     return cudaSuccess;
   });
 }

@@ -63,7 +63,7 @@ constexpr int kThreadsPerSM = 2048;
 constexpr int kMaxBlocksPerSM = 32;
 constexpr int kReservedSharedPerBlock = 1024;  // the driver's share of each block's shared memory
 
-enum class State { kReady, kAtBarrier, kAtShuffle, kAtGridSync, kDone };
+enum class State { kReady, kAtBarrier, kAtShuffle, kAtGridSync, kSpinning, kDone };
 
 struct Fiber {
   uint3 idx;
@@ -140,6 +140,7 @@ std::uint64_t g_block_order_seed = 0;
 std::int64_t g_launches = 0;
 std::vector<Launch> g_launched;  // since launched_grids() last took them
 std::map<const void*, int> g_max_dynamic_shared;  // per kernel, set by cudaFuncSetAttribute
+std::uint64_t g_progress = 0;  // fiber steps that end elsewhere than in a spin wait
 
 const Device& device() { return g_devices[t_device]; }
 
@@ -154,6 +155,7 @@ void yield(State state) {
   Block& b = *t_block;
   Fiber& f = *b.current;
   f.state = state;
+  if (state != State::kSpinning) ++g_progress;
   cuda_emu_switch(&f.sp, b.scheduler_sp);
 }
 
@@ -211,36 +213,9 @@ std::ptrdiff_t count(const Block& b, Pred pred) {
   return std::count_if(b.fibers.begin(), b.fibers.end(), pred);
 }
 
-// Releases the fibers that may go on, after every ready fiber ran to its next wait. False when
-// none may: the block waits at a grid sync, or broke a rule (b.error says which).
-bool release(Block& b) {
-  const auto live = count(b, [](const Fiber& f) { return f.state != State::kDone; });
-  const auto at_barrier = count(b, [](const Fiber& f) { return f.state == State::kAtBarrier; });
-  const auto at_grid = count(b, [](const Fiber& f) { return f.state == State::kAtGridSync; });
-  if (at_grid == live) return false;  // parked: the grid releases it
-  if (at_barrier + at_grid == live) {
-    const Fiber& first = *std::find_if(b.fibers.begin(), b.fibers.end(),
-                                       [](const Fiber& f) { return f.state == State::kAtBarrier; });
-    if (at_grid > 0) {
-      fail(b, std::to_string(at_grid) + " threads wait at a grid sync while " + std::to_string(at_barrier) +
-                  " wait at __syncthreads() (" + site(first) + ")");
-      return false;
-    }
-    if (live != static_cast<std::ptrdiff_t>(b.fibers.size())) {
-      fail(b, std::to_string(b.fibers.size() - live) + " threads exited while the other " + std::to_string(live) +
-                  " wait at __syncthreads() (" + site(first) + ")");
-      return false;
-    }
-    for (const Fiber& f : b.fibers) {
-      if (f.barrier_line != first.barrier_line || std::strcmp(f.barrier_file, first.barrier_file) != 0) {
-        fail(b, "threads wait at different __syncthreads() calls: " + site(first) + " and " + site(f));
-        return false;
-      }
-    }
-    for (Fiber& f : b.fibers) f.state = State::kReady;
-    return true;
-  }
-  // Not every live fiber waits at a barrier: some warp shuffles.
+// Releases the warps whose 32 lanes all wait at a shuffle. False when a warp shuffles with lanes
+// missing (b.error says so).
+bool release_shuffles(Block& b, bool* released) {
   for (std::size_t w0 = 0; w0 < b.fibers.size(); w0 += kWarpSize) {
     const std::size_t w1 = std::min(b.fibers.size(), w0 + kWarpSize);
     const auto shuffling = std::count_if(b.fibers.begin() + w0, b.fibers.begin() + w1,
@@ -248,19 +223,57 @@ bool release(Block& b) {
     if (shuffling == 0) continue;
     if (shuffling != kWarpSize) {
       fail(b, "warp " + std::to_string(w0 / kWarpSize) + ": " + std::to_string(shuffling) +
-                  " lanes wait at a full-warp shuffle, the others exited, wait at __syncthreads() or do not exist");
+                  " lanes wait at a full-warp shuffle, the others exited, wait elsewhere or do not exist");
       return false;
     }
     for (std::size_t i = w0; i < w1; ++i) b.fibers[i].state = State::kReady;
+    *released = true;
   }
   return true;
 }
 
-// Runs the block's threads until every one exited or waits at a grid sync, or a rule is broken;
-// each thread until it waits or exits, in rank order or (`reversed`) the reverse: a load that no
-// barrier orders after another thread's store then reads a stale value in one of the two orders,
-// whichever way round the two threads are.
+// Releases the fibers that may go on, after every ready fiber ran to its next wait. False when
+// none may: the block waits for the rest of the grid (a spin wait, a grid sync), or broke a rule
+// (b.error says which).
+bool release(Block& b) {
+  bool released = false;
+  if (!release_shuffles(b, &released)) return false;
+  if (released) return true;
+  const auto live = count(b, [](const Fiber& f) { return f.state != State::kDone; });
+  const auto at_barrier = count(b, [](const Fiber& f) { return f.state == State::kAtBarrier; });
+  const auto at_grid = count(b, [](const Fiber& f) { return f.state == State::kAtGridSync; });
+  if (count(b, [](const Fiber& f) { return f.state == State::kSpinning; }) > 0) return false;
+  if (at_grid == live) return false;
+  // Every live fiber waits at a barrier or a grid sync.
+  const Fiber& first =
+      *std::find_if(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::kAtBarrier; });
+  if (at_grid > 0) {
+    fail(b, std::to_string(at_grid) + " threads wait at a grid sync while " + std::to_string(at_barrier) +
+                " wait at __syncthreads() (" + site(first) + ")");
+    return false;
+  }
+  if (live != static_cast<std::ptrdiff_t>(b.fibers.size())) {
+    fail(b, std::to_string(b.fibers.size() - live) + " threads exited while the other " + std::to_string(live) +
+                " wait at __syncthreads() (" + site(first) + ")");
+    return false;
+  }
+  for (const Fiber& f : b.fibers) {
+    if (f.barrier_line != first.barrier_line || std::strcmp(f.barrier_file, first.barrier_file) != 0) {
+      fail(b, "threads wait at different __syncthreads() calls: " + site(first) + " and " + site(f));
+      return false;
+    }
+  }
+  for (Fiber& f : b.fibers) f.state = State::kReady;
+  return true;
+}
+
+// Runs the block's threads until every one exited or the block waits for the rest of the grid
+// (release), or a rule is broken; threads in spin waits first try again. Each thread runs until
+// it waits or exits, in rank order or (`reversed`) the reverse: a load that no barrier orders
+// after another thread's store then reads a stale value in one of the two orders, whichever way
+// round the two threads are.
 void run_block(Block& b, bool reversed) {
+  for (Fiber& f : b.fibers) f.state = f.state == State::kSpinning ? State::kReady : f.state;
   Block* outer = t_block;
   t_block = &b;
   const std::size_t n = b.fibers.size();
@@ -286,25 +299,39 @@ bool done(const Block& b) {
   return std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::kDone; });
 }
 
+bool spinning(const Block& b) {
+  return std::any_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::kSpinning; });
+}
+
 cudaError_t launch_failure(const std::string& error) {
   t_last_message = "unspecified launch failure (cuda_emu: " + error + ")";
   return cudaErrorLaunchFailure;
 }
 
-// Blocks one after another, each on the same threads.
+// Blocks one after another, each on the same threads; a block may spin-wait only for itself.
 cudaError_t run_blocks(const Launch& launch, const std::function<void()>& body, const std::vector<std::uint64_t>& order) {
   Block b;
   init_block(b, launch, body, 0);
   for (std::size_t k = 0; k < order.size(); ++k) {
     start_block(b, order[k]);
-    run_block(b, k % 2 == 1);
-    if (b.error.empty() && !done(b)) fail(b, "grid sync in a launch that is not cooperative");
+    std::uint64_t before;
+    do {
+      before = g_progress;
+      run_block(b, k % 2 == 1);
+    } while (b.error.empty() && spinning(b) && g_progress != before);
+    if (b.error.empty() && !done(b)) {
+      fail(b, spinning(b) ? "a spin wait that only other blocks can end, in a launch that is not cooperative"
+                          : "grid sync in a launch that is not cooperative");
+    }
     if (!b.error.empty()) return launch_failure(b.error);
   }
   return cudaSuccess;
 }
 
-// A cooperative launch: every block alive at once, each run up to its next grid sync in turn.
+// A cooperative launch: every block alive at once. In turns, each block runs until it waits for
+// the others (a spin wait, a grid sync) or exits; a grid sync releases once every thread waits
+// at one, a spin wait tries again each turn, and a turn in which no thread gets past a spin wait
+// is a deadlock.
 cudaError_t run_cooperative(const Launch& launch, const std::function<void()>& body, std::vector<std::uint64_t> order,
                             std::mt19937_64& rng) {
   const int threads = int(launch.block.x * launch.block.y * launch.block.z);
@@ -313,15 +340,23 @@ cudaError_t run_cooperative(const Launch& launch, const std::function<void()>& b
     init_block(blocks[k], launch, body, int(k) * threads);
     start_block(blocks[k], order[k]);
   }
-  std::vector<std::size_t> turns(blocks.size());  // the order of the blocks' turns in a phase
+  std::vector<std::size_t> turns(blocks.size());  // the order of the blocks in a turn
   std::iota(turns.begin(), turns.end(), 0);
   for (;;) {
+    const std::uint64_t before = g_progress;
     for (std::size_t k = 0; k < turns.size(); ++k) {
       Block& b = blocks[turns[k]];
       run_block(b, k % 2 == 1);
       if (!b.error.empty()) return launch_failure(b.error);
     }
     if (std::all_of(blocks.begin(), blocks.end(), done)) return cudaSuccess;
+    std::shuffle(turns.begin(), turns.end(), rng);  // the next turn in another order
+    const auto spinner = std::find_if(blocks.begin(), blocks.end(), spinning);
+    if (spinner != blocks.end()) {
+      if (g_progress != before) continue;
+      fail(*spinner, "deadlock: threads spin-wait for what no thread of the grid will do");
+      return launch_failure(spinner->error);
+    }
     // Every block waits at the grid sync or has exited: all of them must wait.
     for (Block& b : blocks) {
       const auto exited = count(b, [](const Fiber& f) { return f.state == State::kDone; });
@@ -333,7 +368,6 @@ cudaError_t run_cooperative(const Launch& launch, const std::function<void()>& b
     for (Block& b : blocks) {
       for (Fiber& f : b.fibers) f.state = State::kReady;
     }
-    std::shuffle(turns.begin(), turns.end(), rng);  // the next phase in another order
   }
 }
 
@@ -366,6 +400,8 @@ void syncthreads(const char* file, int line) {
   f.barrier_line = line;
   yield(State::kAtBarrier);
 }
+
+void spin_wait() { yield(State::kSpinning); }
 
 void grid_sync() {
   if (!t_block->launch->cooperative) fail(*t_block, "grid sync in a launch that is not cooperative");
@@ -544,8 +580,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "selftest",
       [](const std::string& kernel, const at::Tensor& in, at::Tensor& out, unsigned blocks, unsigned threads) {
         TORCH_CHECK(in.dtype() == at::kFloat && out.dtype() == at::kFloat && in.is_contiguous() &&
-                        out.is_contiguous() && in.numel() >= blocks * 128 && out.numel() >= blocks * 128,
-                    "selftest: in and out must be contiguous float32 tensors of blocks * 128 elements");
+                        out.is_contiguous() && in.numel() >= blocks * 128 && out.numel() > blocks * 128,
+                    "selftest: in and out must be contiguous float32 tensors of blocks * 128 elements, out one more");
         return std::string(cudaGetErrorString(
             cuda_emu_selftest(kernel.c_str(), in.const_data_ptr<float>(), out.mutable_data_ptr<float>(), blocks,
                               threads)));

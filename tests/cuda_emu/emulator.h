@@ -4,9 +4,11 @@
 // Each CUDA thread of a block is a fiber on its own stack; blocks run one after another, in a
 // shuffled order (a kernel whose blocks depend on each other's writes shows it), and their
 // threads in rank order or its reverse, alternately. Fibers switch only at __syncthreads(), warp
-// shuffles and grid syncs, with CUDA's rules checked: a barrier releases once every thread of the
-// block waits at the same __syncthreads() call, a shuffle once all 32 lanes of the warp wait at
-// one, a grid sync (cooperative launches only) once every thread of the grid waits at one;
+// shuffles, grid syncs and the __nanosleep() of spin waits, with CUDA's rules checked: a barrier
+// releases once every thread of the block waits at the same __syncthreads() call, a shuffle once
+// all 32 lanes of the warp wait at one, a grid sync (cooperative launches only) once every thread
+// of the grid waits at one, a spin wait when the other blocks have had their turn (only a
+// cooperative launch guarantees that they run meanwhile; a turn without progress is a deadlock);
 // anything else (a thread that exited or waits at another call while the rest wait at a barrier,
 // a lane that exited or waits at a barrier while its warp shuffles) fails the launch with
 // cudaErrorLaunchFailure and a message. CUDA leaves those cases undefined; hardware often lets
@@ -14,8 +16,9 @@
 //
 // Memory: static __shared__ variables become function statics, one instance per kernel, which
 // serves every block since blocks never overlap between barriers: a cooperative launch runs each
-// block up to its next grid sync before the next block starts, so a static __shared__ value does
-// not survive a grid sync there (dynamic shared memory, one buffer per block, does). Dynamic
+// block until it waits for the grid before the next block runs, so a static __shared__ value does
+// not survive a grid sync or a spin wait there (dynamic shared memory, one buffer per block,
+// does). Atomics, fences and cache hints are plain memory operations. Dynamic
 // shared memory and kernel outputs start as all-ones bytes (NaN), so a value read before any
 // thread writes it shows. Launches check the block size, grid size and dynamic shared memory
 // (48 KB unless cudaFuncSetAttribute raised it, up to the device's opt-in limit), and a
@@ -50,6 +53,8 @@ int lane();
 
 // A cooperative launch's barrier across the whole grid (cooperative_groups::this_grid().sync()).
 void grid_sync();
+// A spin wait's pause (__nanosleep): lets the other threads of the grid run first.
+void spin_wait();
 // The running block's dynamic shared memory.
 void* dynamic_shared();
 
@@ -133,6 +138,25 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
   const cudaError_t err = ::cuda_emu::launch_kernel(l, kernel, std::forward<Args>(args)...);
   ::cuda_emu::set_last_error(err);
   return err;
+}
+
+// Memory operations: one OS thread runs every CUDA thread, so atomics are plain read-modify-writes,
+// fences order nothing that is not ordered already, and no cache holds stale data.
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* address) {
+  return *address;
+}
+inline void __nanosleep(unsigned) { ::cuda_emu::spin_wait(); }
+
+inline cudaError_t cudaMemsetAsync(void* dst, int value, std::size_t bytes, cudaStream_t = nullptr) {
+  std::memset(dst, value, bytes);
+  return cudaSuccess;
 }
 
 // CUDA's rsqrtf is approximate (2 ulp); the emulation computes it exactly, which the tolerances

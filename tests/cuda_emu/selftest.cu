@@ -70,6 +70,32 @@ __global__ void grid_rotate(const float* in, float* out) {
   out[at] = own[threadIdx.x] + next;
 }
 
+// Blocks meet at a counter (out[B * 128]): thread 0 counts its block in, then spin-waits until
+// `expected` per meeting have (the grid's size: a meeting; one more: a deadlock).
+__device__ void meet(unsigned* arrived, unsigned target) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(arrived, 1u);
+    while (*reinterpret_cast<volatile unsigned*>(arrived) < target) __nanosleep(32);
+  }
+  __syncthreads();
+}
+
+// out[b * 128 + t] = the sum over blocks b' of in[b' * 128 + t], gathered from the rows of out
+// the other blocks write before the first meeting, and written after the second.
+template <int kTag>
+__global__ void spin_meeting(const float* in, float* out, unsigned expected) {
+  unsigned* const arrived = reinterpret_cast<unsigned*>(out + gridDim.x * kThreads);
+  const int64_t at = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  out[at] = in[at];
+  meet(arrived, expected);
+  float sum = 0;
+  for (unsigned b = 0; b < gridDim.x; ++b) sum += __ldcg(out + b * kThreads + threadIdx.x);
+  meet(arrived, 2 * expected);
+  out[at] = sum;
+}
+
 constexpr int kRotateShared = 64 << 10;  // more than the 48 KB a kernel gets by default
 
 // A cooperative launch of grid_rotate<kTag>, raising its shared memory limit first if `raise`.
@@ -99,6 +125,17 @@ cudaError_t cuda_emu_selftest(const char* kernel, const float* in, float* out, u
   if (std::strcmp(kernel, "grid_rotate_unraised") == 0) return launch_grid_rotate<1>(in, out, blocks, threads, false);
   if (std::strcmp(kernel, "grid_rotate_uncooperative") == 0) {
     grid_rotate<2><<<blocks, threads, kThreads * sizeof(float), nullptr>>>(in, out);
+    return cudaGetLastError();
+  }
+  if (std::strcmp(kernel, "spin_meeting") == 0 || std::strcmp(kernel, "spin_deadlock") == 0) {
+    const unsigned expected = blocks + (kernel[5] == 'd' ? 1 : 0);
+    cudaMemsetAsync(out + blocks * kThreads, 0, sizeof(unsigned));
+    return cnnkern::cuda::launch_cooperative(spin_meeting<0>, dim3(blocks), dim3(threads), 0, nullptr, in, out,
+                                             expected);
+  }
+  if (std::strcmp(kernel, "spin_uncooperative") == 0) {
+    cudaMemsetAsync(out + blocks * kThreads, 0, sizeof(unsigned));
+    spin_meeting<1><<<blocks, threads, 0, nullptr>>>(in, out, blocks);
     return cudaGetLastError();
   }
   if (!k) return cudaErrorInvalidValue;
