@@ -56,6 +56,9 @@ constexpr int kMinStepsPerThread = 2;  // splitting finer only adds partials to 
 constexpr int kSectorBytes = 32;       // memory access granularity: along C, a row of a block's
                                        // channels is at least this wide
 constexpr int64_t kMaxGridYZ = 65535;
+// A resident kernel's wait for the other blocks of its tile, once per round, in the bytes a block
+// moves meanwhile: about 2 us at 3 TB/s shared by 264 blocks. An estimate until a GPU measures it.
+constexpr int64_t kRoundOverheadBytes = 32 << 10;
 
 // Items a thread loads per step of one tensor, all issued before the first is used: 4 (64 bytes
 // of 16-byte vectors), or 8 of 2-byte scalars for 16 bytes in flight. More would not fit 128
@@ -1066,8 +1069,8 @@ struct ResidentPlan {
 // in shared memory, and how: when the input is larger than L2 (below that, the two-pass kernels
 // re-read it from L2 anyway) and the grid can hold every channel tile of a round in shared memory,
 // kBlocksPerSM blocks per SM, next to the kernel's `static_shared` bytes. Among the split counts
-// that fit, the one with the fewest steps in total for the busiest thread (rounds x steps per
-// round); ties go to fewer splits (fewer partials to merge).
+// that fit, the one with the least time for the busiest block: rounds x (its bytes per round +
+// kRoundOverheadBytes); ties go to fewer splits (fewer partials to merge).
 template <typename T, bool kAlongC, int VEC>
 bool plan_resident(const Plan& base, const DeviceLimits& device, int kept_tensors, size_t static_shared,
                    ResidentPlan* out) {
@@ -1098,7 +1101,7 @@ bool plan_resident(const Plan& base, const DeviceLimits& device, int kept_tensor
     const int64_t shared = kept_tensors * kept * int64_t(sizeof(Vec<T, VEC>));
     if (splits > blocks || shared > budget) continue;
     const int64_t tiles_per_round = std::min(channel_tiles, blocks / splits);
-    const int64_t cost = ceil_div(channel_tiles, tiles_per_round) * steps;
+    const int64_t cost = ceil_div(channel_tiles, tiles_per_round) * (shared + kRoundOverheadBytes);
     if (cost >= best) continue;
     best = cost;
     p.grid.x = unsigned(tiles_per_round);
