@@ -72,12 +72,12 @@ def _progress(i, n, label):
 
 
 def _table(results):
-    head = f"{'case':<44} {'provider':<15} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>7} {'%copy':>6} " \
+    head = f"{'case':<44} {'provider':<21} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>7} {'%copy':>6} " \
            f"{'x eager':>8} {'x compile':>9} {'mem MB':>7}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r['case']:<44} {r['provider']:<15} {r['median_ms']:>10.4f} "
+            f"{r['case']:<44} {r['provider']:<21} {r['median_ms']:>10.4f} "
             f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gbps']:>7.1f} {r['pct_of_copy']:>5.0f}% "
             f"{r.get('speedup_vs_eager', float('nan')):>8.2f} {r.get('speedup_vs_compile', float('nan')):>9.2f} "
             + (f"{r['peak_mem_mb']:>7.1f}" if r["peak_mem_mb"] is not None else f"{'-':>7}"))

@@ -7,6 +7,7 @@ parameters are O(C) and left out. Two-pass kernels read x twice, so they can
 reach at most 2/3 of the copy bandwidth on the forward by this count.
 """
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
@@ -32,7 +33,9 @@ MODES = {
     "fwd_bwd_relu": dict(training=True, residual=False, fwd=True, bwd=True, units=6),
     "eval_relu": dict(training=False, residual=False, fwd=True, bwd=False, units=2),
 }
-PROVIDERS = ("cnnkern-triton", "cnnkern-cuda", "cnnkern-cpu", "eager", "compile")
+# cnnkern-cuda-two-pass: the cuda backend with its one-pass kernels switched off
+# (CNNKERN_CUDA_ONE_PASS=0), to measure what they gain.
+PROVIDERS = ("cnnkern-triton", "cnnkern-cuda", "cnnkern-cuda-two-pass", "cnnkern-cpu", "eager", "compile")
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,16 @@ def cases(device: torch.device, quick: bool, dtypes, layouts, modes) -> List[Cas
     return [Case(m, s, d, l) for m, s, d, l in itertools.product(modes, shapes, dtypes, layouts)]
 
 
+def _backend(provider: str) -> str:
+    """The cnnkern backend a cnnkern-* provider runs."""
+    return provider.split("-")[1]
+
+
 def provider_refuses(provider: str, device: torch.device, dtype: torch.dtype):
     """Why `provider` is not benchmarked on (device, dtype), or None."""
     if not provider.startswith("cnnkern-"):
         return None
-    backend = provider.split("-", 1)[1]
+    backend = _backend(provider)
     if backend == "triton" and device.type == "cpu":
         return "the triton interpreter is a test tool, not a benchmark"
     return refuses(backend, device, dtype, "bn_forward_train")
@@ -97,9 +105,11 @@ def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], obj
     training = mode["training"]
 
     if provider.startswith("cnnkern-"):
-        backend = provider.split("-", 1)[1]
+        backend = _backend(provider)
+        one_pass = "0" if provider.endswith("-two-pass") else "1"
 
         def f():
+            os.environ["CNNKERN_CUDA_ONE_PASS"] = one_pass  # read by the cuda launchers at each call
             return cnnkern.functional.batch_norm(x, rm, rv, w, b, training, residual=r, activation="relu",
                                                  backend=backend)
     elif provider == "eager":

@@ -158,6 +158,16 @@ def test_one_pass_training(cuda_emulator, shape, dtype, layout, sms, device, opt
     assert (grids[0][3], sum(g[3] for g in grids) - grids[0][3]) == one_pass, grids
 
 
+def test_one_pass_switched_off(cuda_emulator, monkeypatch):
+    monkeypatch.setenv("CNNKERN_CUDA_ONE_PASS", "0")
+    x = make_input((4, 12, 20, 20), torch.float32, "cpu", "nchw")
+    cuda_emulator.launched_grids()
+    with cuda_kernels_on_cpu(cuda_emulator, sms=2, **SMALL_GPU):
+        run_and_compare("cpu", "cpu", x, **FUSED)
+    grids = cuda_emulator.launched_grids()
+    assert grids and not any(g[3] for g in grids), grids
+
+
 def test_one_pass_vectorized_channels_last(cuda_emulator):
     # Every tensor channels_last, so both one-pass kernels run 16-byte accesses along C; their
     # results against the two-pass kernels' (checked against the oracle above) on a larger L2.

@@ -41,6 +41,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <optional>
 #include <type_traits>
@@ -1055,6 +1056,14 @@ int64_t max_steps(const Plan& plan, int U) {
   return ceil_div(t.n_per_split, ty) * ceil_div(t.items_per_split, U * tx);
 }
 
+// CNNKERN_CUDA_ONE_PASS=0 keeps every call on the two-pass kernels (the benchmark's
+// cnnkern-cuda-two-pass provider measures what one pass gains). Read at each launch; workspace
+// sizes cover both paths, so the switch may change between a workspace query and its launch.
+bool one_pass_enabled() {
+  const char* value = std::getenv("CNNKERN_CUDA_ONE_PASS");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 // A one-pass launch (bn_forward_resident_kernel, bn_backward_resident_kernel): `plan` with the
 // grid of one round (channel tiles per round, splits), `channel_tiles` of the tensor, the items
 // each block keeps per tensor, and its dynamic shared memory.
@@ -1195,9 +1204,13 @@ unsigned* arrivals_in(void* workspace, int64_t partial_values) {
   return reinterpret_cast<unsigned*>(static_cast<A*>(workspace) + partial_values);
 }
 
-// Workspace bytes: `partial_values` statistics of `acc_bytes` each, and a resident plan's counters.
-size_t workspace_bytes(int64_t partial_values, size_t acc_bytes, const std::optional<ResidentPlan>& resident) {
-  return size_t(partial_values) * acc_bytes + (resident ? resident->plan.grid.x * sizeof(unsigned) : 0);
+// Workspace bytes for `arrays` (S, C) arrays of partials of `acc_bytes` each: the larger of the
+// two-pass plan's needs and the one-pass plan's (its partials, then its counters).
+size_t workspace_bytes(int arrays, size_t acc_bytes, const Plan& plan, const std::optional<ResidentPlan>& resident) {
+  const size_t per_split = arrays * size_t(plan.tiling.C) * acc_bytes;
+  const size_t two_pass = size_t(plan.num_splits()) * per_split;
+  if (!resident) return two_pass;
+  return std::max(two_pass, size_t(resident->plan.num_splits()) * per_split + resident->plan.grid.x * sizeof(unsigned));
 }
 
 // A cooperative launch of a resident kernel on `r`, its counters `arrivals` zeroed first; the
@@ -1227,6 +1240,7 @@ cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cuda
   if (const cudaError_t err = plan_forward<T>(training, a.input_dtype, ops, &plan, &resident); err != cudaSuccess) {
     return err;
   }
+  if (!one_pass_enabled()) resident.reset();
   const int64_t C = plan.tiling.C, S = resident ? resident->plan.num_splits() : plan.num_splits();
   ForwardParams<T, P> p{};
   p.input = static_cast<const T*>(a.input);
@@ -1302,6 +1316,7 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   Plan plan;
   std::optional<ResidentPlan> resident;
   if (const cudaError_t err = plan_backward<T>(a, ops, &plan, &resident); err != cudaSuccess) return err;
+  if (!one_pass_enabled()) resident.reset();
   const int64_t C = plan.tiling.C, S = resident ? resident->plan.num_splits() : plan.num_splits();
   BackwardParams<T, P> p{};
   p.grad_output = static_cast<const T*>(a.grad_output);
@@ -1370,8 +1385,7 @@ cudaError_t bn_forward_train_workspace(const BnForwardArgs& args, size_t* bytes)
         err != cudaSuccess) {
       return err;
     }
-    const int64_t splits = resident ? resident->plan.num_splits() : plan.num_splits();
-    *bytes = workspace_bytes(3 * splits * plan.tiling.C, acc_size(args.input_dtype), resident);
+    *bytes = workspace_bytes(3, acc_size(args.input_dtype), plan, resident);
     return cudaSuccess;
   });
 }
@@ -1403,8 +1417,7 @@ cudaError_t bn_backward_workspace(const BnBackwardArgs& args, size_t* bytes) {
         err != cudaSuccess) {
       return err;
     }
-    const int64_t splits = resident ? resident->plan.num_splits() : plan.num_splits();
-    *bytes = workspace_bytes(2 * splits * plan.tiling.C, acc_size(args.input_dtype), resident);
+    *bytes = workspace_bytes(2, acc_size(args.input_dtype), plan, resident);
     return cudaSuccess;
   });
 }
