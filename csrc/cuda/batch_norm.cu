@@ -45,6 +45,7 @@
 #include <mutex>
 #include <optional>
 #include <type_traits>
+#include <utility>
 
 namespace cnnkern::cuda {
 namespace {
@@ -1222,10 +1223,10 @@ cudaError_t launch_resident(void (*kernel)(Params...), const ResidentPlan& r, un
       err != cudaSuccess) {
     return err;
   }
-  if (const cudaError_t err =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(r.shared_bytes));
-      err != cudaSuccess) {
-    return err;
+  // The plan counts on kBlocksPerSM blocks per SM with their shared memory: the largest carveout.
+  for (const auto [attr, value] : {std::pair{cudaFuncAttributeMaxDynamicSharedMemorySize, int(r.shared_bytes)},
+                                   std::pair{cudaFuncAttributePreferredSharedMemoryCarveout, 100}}) {
+    if (const cudaError_t err = cudaFuncSetAttribute(kernel, attr, value); err != cudaSuccess) return err;
   }
   return launch_cooperative(kernel, r.plan.grid, r.plan.block, r.shared_bytes, stream, std::forward<Args>(args)...,
                             arrivals);

@@ -115,6 +115,9 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
 // The runtime API's templates (<cuda_runtime.h>) over the emulator.
 template <class... Params>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout) {  // the emulated SM is all shared memory
+    return value >= -1 && value <= 100 ? cudaSuccess : cudaErrorInvalidValue;
+  }
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   return ::cuda_emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
 }
