@@ -25,7 +25,6 @@ from .batch_norm import MODES
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum",
            # launch statistics, no counters: a fractional wave count is a tail of idle SMs
            "launch__registers_per_thread", "launch__waves_per_multiprocessor")
-KERNELS_PER_CALL = 2  # both backends: a reduction pass, then an elementwise pass
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -54,6 +53,22 @@ def _calls(shape, dtype):
                    partial(forward, x, w, b, None, rm, rv, 0.1, 1e-5, True))
             yield (f"{backend} {layout} bwd_add_relu", MODES["bwd_add_relu"]["units"] * unit,
                    partial(backward, g, x, y, w, mean, invstd, True, True, [True, True, True, True]))
+
+
+def kernels_per_call(shape, dtype):
+    """How many kernels each call launches (two passes, or one on the cuda backend's one-pass
+    path), counted by the PyTorch profiler, outside ncu; memsets are not kernels to ncu either."""
+    cuda = torch.profiler.ProfilerActivity.CUDA
+    counts = []
+    for _, _, call in _calls(shape, dtype):
+        call()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[cuda]) as prof:
+            call()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        counts.append(sum(1 for e in kernels if not e.name.startswith(("Memset", "Memcpy"))))
+    return counts
 
 
 def run(shape, dtype):
@@ -129,11 +144,9 @@ def main(argv=None):
     child = subprocess.run(cmd, capture_output=True, text=True)
     if child.returncode != 0:
         sys.exit(f"ncu failed ({child.returncode}):\n{child.stderr[-3000:]}")
-    calls = []
-    for line in child.stdout.splitlines():
-        if line.startswith("CALL\t"):
-            _, label, model_bytes = line.split("\t")
-            calls.append((label, int(model_bytes), KERNELS_PER_CALL))
+    labels = [line.split("\t")[1:] for line in child.stdout.splitlines() if line.startswith("CALL\t")]
+    counts = kernels_per_call(shape, DTYPES[args.dtype])
+    calls = [(label, int(model_bytes), kernels) for (label, model_bytes), kernels in zip(labels, counts)]
     with open(raw) as f:
         rows = _kernel_rows(f.read())
     print(f"DRAM traffic per call, {args.shape} {args.dtype} (ncu, caches not flushed; raw: {raw})")

@@ -26,7 +26,8 @@ def test_selftest_block_sums(cuda_emulator):
 
 @pytest.mark.parametrize("kernel,message", [
     ("divergent_barrier", "threads wait at different __syncthreads() calls: tests/cuda_emu/selftest.cu:"),
-    ("exit_before_barrier", "64 threads exited while the other 64 wait at __syncthreads() (tests/cuda_emu/selftest.cu:"),
+    ("exit_before_barrier",
+     "64 threads exited while the other 64 wait at __syncthreads() (tests/cuda_emu/selftest.cu:"),
     ("shuffle_after_exit", "warp 0: 31 lanes wait at a full-warp shuffle"),
 ])
 def test_selftest_broken_kernels_fail_the_launch(cuda_emulator, kernel, message):

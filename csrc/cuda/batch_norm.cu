@@ -143,7 +143,8 @@ struct ThreadTile {
   int64_t n_begin, n_end, n_step;    // batch indices n_begin, n_begin + n_step, ... < n_end
   int64_t i_begin, i_end, i_stride;  // items i_begin, i_begin + i_stride, ... < i_end
 
-  __device__ explicit ThreadTile(const Tiling& t) : ThreadTile(t, kBackwards ? gridDim.x - 1 - blockIdx.x : blockIdx.x) {}
+  __device__ explicit ThreadTile(const Tiling& t)
+      : ThreadTile(t, kBackwards ? gridDim.x - 1 - blockIdx.x : blockIdx.x) {}
 
   // The tile of channel tile `bx` (a persistent block visits several).
   __device__ ThreadTile(const Tiling& t, int64_t bx) {
@@ -501,7 +502,9 @@ __device__ Coefficients<acc_t<T>, K> channel_coefficients(const ForwardParams<T,
   const int group = groups > 1 ? rank % groups : 0;  // along C: threadIdx.x
   Coefficients<A, K> out;
 #pragma unroll
-  for (int k = 0; k < K; ++k) out.mean[k] = coef[group][0][k], out.scale[k] = coef[group][1][k], out.shift[k] = coef[group][2][k];
+  for (int k = 0; k < K; ++k) {
+    out.mean[k] = coef[group][0][k], out.scale[k] = coef[group][1][k], out.shift[k] = coef[group][2][k];
+  }
   return out;
 }
 

@@ -309,7 +309,8 @@ cudaError_t launch_failure(const std::string& error) {
 }
 
 // Blocks one after another, each on the same threads; a block may spin-wait only for itself.
-cudaError_t run_blocks(const Launch& launch, const std::function<void()>& body, const std::vector<std::uint64_t>& order) {
+cudaError_t run_blocks(const Launch& launch, const std::function<void()>& body,
+                       const std::vector<std::uint64_t>& order) {
   Block b;
   init_block(b, launch, body, 0);
   for (std::size_t k = 0; k < order.size(); ++k) {
@@ -571,7 +572,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "launched_grids",
       [] {
         std::vector<std::tuple<unsigned, unsigned, unsigned, bool>> grids;
-        for (const cuda_emu::Launch& l : cuda_emu::g_launched) grids.emplace_back(l.grid.x, l.grid.y, l.grid.z, l.cooperative);
+        for (const cuda_emu::Launch& l : cuda_emu::g_launched) {
+          grids.emplace_back(l.grid.x, l.grid.y, l.grid.z, l.cooperative);
+        }
         cuda_emu::g_launched.clear();
         return grids;
       },
