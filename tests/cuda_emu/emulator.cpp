@@ -11,6 +11,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/bn_wrappers.h"
@@ -77,8 +78,43 @@ struct Fiber {
 
 using Slot = std::array<unsigned char, kMaxShuffleBytes>;
 using WarpSlots = std::array<std::array<Slot, kWarpSize>, 2>;
-struct alignas(128) SharedChunk {
-  unsigned char bytes[128];
+// A block's dynamic shared memory, its end against an unmapped page: a kernel that writes past
+// what it was launched with faults there instead of corrupting the emulator.
+class DynamicShared {
+ public:
+  DynamicShared() = default;
+  DynamicShared(const DynamicShared&) = delete;
+  DynamicShared& operator=(const DynamicShared&) = delete;
+  DynamicShared(DynamicShared&& o) noexcept { *this = std::move(o); }
+  DynamicShared& operator=(DynamicShared&& o) noexcept {
+    std::swap(map_, o.map_);
+    std::swap(map_bytes_, o.map_bytes_);
+    std::swap(data_, o.data_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  ~DynamicShared() {
+    if (map_) munmap(map_, map_bytes_);
+  }
+
+  void allocate(std::size_t bytes) {
+    const std::size_t page = 4096, rounded = (bytes + 127) / 128 * 128;  // data stays 128-byte aligned
+    map_bytes_ = (rounded + page - 1) / page * page + page;
+    map_ = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(map_ != MAP_FAILED, "cuda_emu: cannot map ", map_bytes_, " bytes of shared memory");
+    char* guard = static_cast<char*>(map_) + map_bytes_ - page;
+    TORCH_CHECK(mprotect(guard, page, PROT_NONE) == 0, "cuda_emu: cannot protect a shared memory guard page");
+    data_ = guard - rounded;
+    bytes_ = rounded;
+  }
+  void poison() { std::memset(data_, 0xff, bytes_); }
+  void* data() const { return data_; }
+
+ private:
+  void* map_ = nullptr;
+  std::size_t map_bytes_ = 0;
+  char* data_ = nullptr;
+  std::size_t bytes_ = 0;
 };
 
 // Stacks for up to `count` fibers, reused by every block and launch.
@@ -118,7 +154,7 @@ struct Block {
   int first_stack;  // its threads' stacks: first_stack + rank
   std::vector<Fiber> fibers;
   std::vector<WarpSlots> slots;
-  std::vector<SharedChunk> dynamic_shared;
+  DynamicShared dynamic_shared;
   Fiber* current = nullptr;
   void* scheduler_sp = nullptr;
   std::string error;  // first failure seen in this block
@@ -184,7 +220,7 @@ void init_block(Block& b, const Launch& launch, const std::function<void()>& bod
   b.body = &body;
   b.first_stack = first_stack;
   b.slots.resize((d.x * d.y * d.z + kWarpSize - 1) / kWarpSize);
-  b.dynamic_shared.resize((launch.shared_bytes + sizeof(SharedChunk) - 1) / sizeof(SharedChunk));
+  b.dynamic_shared.allocate(launch.shared_bytes);
   for (unsigned z = 0; z < d.z; ++z) {
     for (unsigned y = 0; y < d.y; ++y) {
       for (unsigned x = 0; x < d.x; ++x) {
@@ -203,7 +239,7 @@ void start_block(Block& b, std::uint64_t id) {
     f.shuffle_parity = 0;
     f.sp = initial_sp(t_stacks.top(b.first_stack + f.rank));
   }
-  std::memset(b.dynamic_shared.data(), 0xff, b.dynamic_shared.size() * sizeof(SharedChunk));
+  b.dynamic_shared.poison();
 }
 
 std::string site(const Fiber& f) { return std::string(f.barrier_file) + ":" + std::to_string(f.barrier_line); }

@@ -18,7 +18,8 @@
 // serves every block since blocks never overlap between barriers: a cooperative launch runs each
 // block until it waits for the grid before the next block runs, so a static __shared__ value does
 // not survive a grid sync or a spin wait there (dynamic shared memory, one buffer per block,
-// does). Atomics, fences and cache hints are plain memory operations. Dynamic
+// does; it ends at an unmapped page, so an access past the launch's size faults). Atomics,
+// fences and cache hints are plain memory operations. Dynamic
 // shared memory and kernel outputs start as all-ones bytes (NaN), so a value read before any
 // thread writes it shows. Launches check the block size, grid size and dynamic shared memory
 // (48 KB unless cudaFuncSetAttribute raised it, up to the device's opt-in limit), and a
