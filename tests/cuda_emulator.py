@@ -56,9 +56,14 @@ def _write_if_changed(path: pathlib.Path, text: str) -> None:
 
 def load():
     """The emulator module (built once per source change, by ninja)."""
+    cuda = ROOT / "csrc" / "cuda"
+    # Rewritten headers shadow csrc/cuda's (their include path comes first); sources compile as C++.
+    (BUILD / "include" / "cuda").mkdir(parents=True, exist_ok=True)
+    for cuh in sorted(cuda.glob("*.cuh")):
+        _write_if_changed(BUILD / "include" / "cuda" / cuh.name, rewrite(cuh.read_text(), str(cuh.relative_to(ROOT))))
     (BUILD / "src").mkdir(parents=True, exist_ok=True)
     sources = [str(EMU / "emulator.cpp")]
-    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [EMU / "selftest.cu"]:
+    for cu in sorted(cuda.glob("*.cu")) + [EMU / "selftest.cu"]:
         out = BUILD / "src" / f"{cu.stem}_emulated.cpp"
         _write_if_changed(out, rewrite(cu.read_text(), str(cu.relative_to(ROOT))))
         sources.append(str(out))
@@ -67,7 +72,7 @@ def load():
         sources=sources,
         # The stand-in CUDA headers first; -fno-strict-aliasing: the kernels read T arrays
         # through vector structs, as CUDA allows and host C++ does not.
-        extra_include_paths=[str(EMU / "include"), str(EMU), str(ROOT / "csrc")],
+        extra_include_paths=[str(EMU / "include"), str(EMU), str(BUILD / "include"), str(ROOT / "csrc")],
         extra_cflags=["-O2", "-fno-strict-aliasing"],
         build_directory=str(BUILD),
         verbose=False,

@@ -37,7 +37,9 @@ inline cuda::DType to_cuda_dtype(at::ScalarType t) {
 }
 
 // The tensor of an optional argument, or nullptr when it is None (or undefined).
-inline const at::Tensor* present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+inline const at::Tensor* present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
 
 inline const void* data_of(const at::Tensor* t) { return t ? t->const_data_ptr() : nullptr; }
 inline void* mutable_data_of(const at::Tensor* t) { return t ? t->mutable_data_ptr() : nullptr; }
