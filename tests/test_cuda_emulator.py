@@ -120,7 +120,7 @@ def test_split_grids(cuda_emulator, sms, shape, dtype, layout, training):
     grids = cuda_emulator.launched_grids()
     assert grids, "no emulated kernel ran"
     if training:
-        assert max(y * z for _, y, z, _ in grids) > 1, f"no launch split the items: {grids}"
+        assert max(y * z for _, y, z, *_ in grids) > 1, f"no launch split the items: {grids}"
 
 
 # Small GPUs for the one-pass training kernels (bn_forward_resident_kernel,
@@ -193,3 +193,50 @@ def test_one_pass_vectorized_channels_last(cuda_emulator):
         # Splits merge in another order: the statistics differ by float32 rounding, which may move
         # a bfloat16 result by one unit (2^-8 relative).
         torch.testing.assert_close(ours, theirs, rtol=8e-3, atol=1e-2, msg=name)
+
+
+# The launch plans of ResNet-50's batch-norm shapes at batch 128 on an emulated H100 (132 SMs,
+# 50 MB L2, 228 KB shared memory per SM), launches checked but not run (dry run): every launch
+# is valid (block and grid sizes, shared memory within the opt-in limit, a cooperative grid within
+# the occupancy), and the inputs larger than L2 take the one-pass kernels wherever a round of
+# channel tiles fits the grid's shared memory (bench/NOTES.md, v3).
+H100_PLANS = [
+    # shape, dtype, (forward, backward) in one pass for NCHW, and for channels_last
+    ((128, 64, 112, 112), torch.bfloat16, (True, True), (False, False)),  # CL: a 16-channel tile is 51 MB
+    ((128, 256, 56, 56), torch.bfloat16, (True, True), (True, False)),  # CL backward: 2 x 12.8 MB a tile
+    ((128, 512, 28, 28), torch.bfloat16, (True, True), (True, True)),
+    ((128, 1024, 14, 14), torch.bfloat16, (False, False), (False, False)),  # 51.4 MB: fits the 52.4 MB L2
+    ((128, 2048, 7, 7), torch.bfloat16, (False, False), (False, False)),
+    ((128, 64, 112, 112), torch.float32, (True, True), (False, False)),
+    ((128, 256, 56, 56), torch.float32, (True, True), (True, True)),
+    ((128, 512, 28, 28), torch.float32, (True, True), (True, True)),
+    ((128, 1024, 14, 14), torch.float32, (True, True), (True, True)),
+    ((128, 2048, 7, 7), torch.float32, (False, False), (False, False)),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,nchw,channels_last", H100_PLANS,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) and len(v) == 4 else None)
+def test_full_size_plans(cuda_emulator, shape, dtype, nchw, channels_last):
+    C = shape[1]
+    w = torch.ones(C)
+    for layout, one_pass in (("nchw", nchw), ("channels_last", channels_last)):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
+        with cuda_kernels_on_cpu(cuda_emulator, sms=132):
+            cuda_emulator.set_dry_run(True)
+            try:
+                cuda_emulator.launched_grids()
+                y, mean, invstd = torch.ops.cnnkern.bn_forward_train(x, w, None, None, None, None, 0.1, 1e-5, True)
+                forward = cuda_emulator.launched_grids()
+                torch.ops.cnnkern.bn_backward(torch.empty_like(x), x, y, w, mean, invstd, True, True,
+                                              [True, True, True, True])
+                backward = cuda_emulator.launched_grids()
+            finally:
+                cuda_emulator.set_dry_run(False)
+        kinds = (forward[0][3], backward[0][3])
+        assert kinds == one_pass, f"{layout}: forward {forward}, backward {backward}"
+        # A one-pass call is one launch, and its blocks fit two to an SM.
+        for launches in (forward, backward):
+            if launches[0][3]:
+                assert len(launches) == 1 and launches[0][4] <= (228 << 10) // 2 - 1024, launches

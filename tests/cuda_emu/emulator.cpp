@@ -175,6 +175,7 @@ thread_local int t_device = 0;
 std::uint64_t g_block_order_seed = 0;
 std::int64_t g_launches = 0;
 std::vector<Launch> g_launched;  // since launched_grids() last took them
+bool g_dry_run = false;          // launches are checked and recorded, not run
 std::map<const void*, int> g_max_dynamic_shared;  // per kernel, set by cudaFuncSetAttribute
 std::uint64_t g_progress = 0;  // fiber steps that end elsewhere than in a spin wait
 
@@ -485,11 +486,12 @@ cudaError_t run_grid(const Launch& launch, const std::function<void()>& body) {
       return cudaErrorCooperativeLaunchTooLarge;
     }
   }
+  g_launched.push_back(launch);
+  if (g_dry_run) return cudaSuccess;
   const std::uint64_t fibers = launch.cooperative ? blocks * threads : threads;
   TORCH_CHECK(fibers <= kMaxFibers, "cuda_emu: a launch of ", fibers, " threads alive at once is more than the ",
               kMaxFibers, " the emulator runs; emulate a device with fewer SMs");
   t_stacks.reserve(int(fibers));
-  g_launched.push_back(launch);
 
   // Blocks in a shuffled order: CUDA promises none, so no kernel may rely on one.
   std::vector<std::uint64_t> order(blocks);
@@ -607,14 +609,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "launched_grids",
       [] {
-        std::vector<std::tuple<unsigned, unsigned, unsigned, bool>> grids;
+        std::vector<std::tuple<unsigned, unsigned, unsigned, bool, std::size_t>> grids;
         for (const cuda_emu::Launch& l : cuda_emu::g_launched) {
-          grids.emplace_back(l.grid.x, l.grid.y, l.grid.z, l.cooperative);
+          grids.emplace_back(l.grid.x, l.grid.y, l.grid.z, l.cooperative, l.shared_bytes);
         }
         cuda_emu::g_launched.clear();
         return grids;
       },
-      "The grids (x, y, z, cooperative) of the launches run since the last call.");
+      "The launches run since the last call: grid (x, y, z), cooperative, dynamic shared bytes.");
+  m.def(
+      "set_dry_run", [](bool dry) { cuda_emu::g_dry_run = dry; },
+      "Whether launches are only checked (configuration, shared memory, cooperative occupancy) and "
+      "recorded, not run: to see the plans of full-size tensors, whose outputs are then left unwritten.");
   m.def(
       "selftest",
       [](const std::string& kernel, const at::Tensor& in, at::Tensor& out, unsigned blocks, unsigned threads) {
