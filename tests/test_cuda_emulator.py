@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cnnkern
-from cuda_emulator import cuda_kernels_on_cpu
+from cuda_emulator import cuda_kernels_on_cpu, rewrite
 from helpers import make_input, run_and_compare
 
 THREADS = 128  # selftest.cu's block size
@@ -240,3 +240,17 @@ def test_full_size_plans(cuda_emulator, shape, dtype, nchw, channels_last):
         for launches in (forward, backward):
             if launches[0][3]:
                 assert len(launches) == 1 and launches[0][4] <= (228 << 10) // 2 - 1024, launches
+
+
+def test_rewrite_for_the_emulator():
+    source = ("kernel<T, 4><<<grid, block, 0, stream>>>(a, b);\n"
+              "  extern __shared__ __align__(16) unsigned char kept[];\n")
+    assert rewrite(source, "k.cu").splitlines() == [
+        '#line 1 "k.cu"',
+        "::cuda_emu::launch(grid, block, 0, stream, kernel<T, 4>, a, b);",
+        "  unsigned char* const kept = static_cast<unsigned char*>(::cuda_emu::dynamic_shared());",
+    ]
+    with pytest.raises(RuntimeError, match="rewrote 0 of 1 kernel launches"):
+        rewrite("(*table[i])<<<1, 32>>>(x);", "k.cu")
+    with pytest.raises(RuntimeError, match="rewrote 0 of 1 dynamic shared arrays"):
+        rewrite("extern __shared__ float4 kept[16];", "k.cu")
