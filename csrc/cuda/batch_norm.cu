@@ -353,26 +353,34 @@ bool backward_needs_sums(const BnBackwardArgs& a) {
   return (a.grad_input && a.training) || a.grad_weight || a.grad_bias;
 }
 
-// The forward's launch plan (rewrites the views in `ops`, as make_plan does); in training, also
-// the one-pass plan when plan_resident takes the call.
-template <typename T>
-cudaError_t plan_forward(bool training, DType dtype, std::array<Operand, 3>& ops, Plan* plan,
-                         std::optional<ResidentPlan>* resident) {
+// The launch plan over `ops` (rewrites their views, as make_plan does) and, when the call has a
+// one-pass kernel (`one_pass_kernel`), the one-pass plan if plan_resident takes the call. That
+// kernel keeps kKept tensors in shared memory and merges Acc partials, with a table of
+// kCoefficients values per channel (resident_static_shared).
+template <typename T, template <typename, int> class Acc, int kKept, int kCoefficients, size_t kOps>
+cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass_kernel, Plan* plan,
+                      std::optional<ResidentPlan>* resident) {
   if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), plan); err != cudaSuccess) return err;
   resident->reset();
-  if (!training) return cudaSuccess;
+  if (!one_pass_kernel) return cudaSuccess;
   DeviceLimits device;
   if (const cudaError_t err = device_limits(&device); err != cudaSuccess) return err;
   return dispatch_layout<T>(*plan, [&](auto along_c, auto vec) {
     constexpr bool kAlongC = decltype(along_c)::value;
     constexpr int VEC = decltype(vec)::value, K = kAlongC ? VEC : 1;
     using A = acc_t<T>;
+    const size_t static_shared = resident_static_shared<Acc<A, K>, A, kCoefficients>();
     ResidentPlan r;
-    if (plan_resident<T, kAlongC, VEC>(*plan, device, 1, resident_static_shared<Welford<A, K>, A, 3>(), &r)) {
-      *resident = r;
-    }
+    if (plan_resident<T, kAlongC, VEC>(*plan, device, kKept, static_shared, &r)) *resident = r;
     return cudaSuccess;
   });
+}
+
+// The forward's plans: the one-pass kernel keeps x (training only).
+template <typename T>
+cudaError_t plan_forward(bool training, DType dtype, std::array<Operand, 3>& ops, Plan* plan,
+                         std::optional<ResidentPlan>* resident) {
+  return plan_call<T, Welford, 1, 3>(dtype, ops, training, plan, resident);
 }
 
 // Resident kernels' counters (resident_rounds), after `partial_values` statistics of type A in the
@@ -433,7 +441,7 @@ cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cuda
   p.running_var = static_cast<P*>(a.running_var);
   if (training) {
     A* ws = static_cast<A*>(workspace);
-    p.partials = StatPartials<A>{ws, ws + S * C, ws + 2 * S * C};
+    p.partials = StatPartials<A>{{ws, ws + S * C, ws + 2 * S * C}};
     p.num_splits = int(S);
     p.save_mean = static_cast<A*>(a.save_mean);
     p.save_invstd = static_cast<A*>(a.save_invstd);
@@ -461,28 +469,11 @@ cudaError_t forward(const BnForwardArgs& a, bool training, void* workspace, cuda
   });
 }
 
-// The backward's launch plan (rewrites the views in `ops`, as make_plan does); in training with
-// grad_input wanted, also the one-pass plan when plan_resident takes the call.
+// The backward's plans: the one-pass kernel keeps gz and x (training with grad_input only).
 template <typename T>
 cudaError_t plan_backward(const BnBackwardArgs& a, std::array<Operand, 5>& ops, Plan* plan,
                           std::optional<ResidentPlan>* resident) {
-  if (const cudaError_t err = make_plan(a.input_dtype, ops.data(), int(ops.size()), plan); err != cudaSuccess) {
-    return err;
-  }
-  resident->reset();
-  if (!a.training || !a.grad_input) return cudaSuccess;
-  DeviceLimits device;
-  if (const cudaError_t err = device_limits(&device); err != cudaSuccess) return err;
-  return dispatch_layout<T>(*plan, [&](auto along_c, auto vec) {
-    constexpr bool kAlongC = decltype(along_c)::value;
-    constexpr int VEC = decltype(vec)::value, K = kAlongC ? VEC : 1;
-    using A = acc_t<T>;
-    ResidentPlan r;
-    if (plan_resident<T, kAlongC, VEC>(*plan, device, 2, resident_static_shared<GradSums<A, K>, A, 4>(), &r)) {
-      *resident = r;
-    }
-    return cudaSuccess;
-  });
+  return plan_call<T, GradSums, 2, 4>(a.input_dtype, ops, a.training && a.grad_input, plan, resident);
 }
 
 template <typename T, typename P>
@@ -508,7 +499,7 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   p.invstd = static_cast<const A*>(a.invstd);
   if (sums) {
     A* ws = static_cast<A*>(workspace);
-    p.partials = GradPartials<A>{ws, ws + S * C};
+    p.partials = GradPartials<A>{{ws, ws + S * C}};
     p.num_splits = int(S);
   }
   p.grad_input = static_cast<T*>(a.grad_input);

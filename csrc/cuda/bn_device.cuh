@@ -182,17 +182,14 @@ __device__ __forceinline__ void store_step(T* base, const Strided3d& v, const Ti
 template <typename A, int K>
 struct Welford {
   static constexpr int kChannels = K;
-  A n;        // values per channel (the same for all K channels)
+  static constexpr int kValues = 3;  // per channel in Partials: n, mean, m2
+  A n;                               // values per channel (the same for all K channels)
   A mean[K];
   A m2[K];
 
-  __device__ static Welford empty() {
-    Welford w;
-    w.n = 0;
-#pragma unroll
-    for (int k = 0; k < K; ++k) w.mean[k] = w.m2[k] = 0;
-    return w;
-  }
+  __device__ A& value(int j, int k) { return j == 0 ? n : j == 1 ? mean[k] : m2[k]; }
+  __device__ A value(int j, int k) const { return j == 0 ? n : j == 1 ? mean[k] : m2[k]; }
+
 
   __device__ void merge(const Welford& o) {
     const A n_ab = n + o.n;
@@ -206,16 +203,6 @@ struct Welford {
     n = n_ab;
   }
 
-  __device__ Welford shfl_xor(int lane_mask) const {
-    Welford o;
-    o.n = __shfl_xor_sync(0xffffffffu, n, lane_mask);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      o.mean[k] = __shfl_xor_sync(0xffffffffu, mean[k], lane_mask);
-      o.m2[k] = __shfl_xor_sync(0xffffffffu, m2[k], lane_mask);
-    }
-    return o;
-  }
 };
 
 // Backward reductions of K channels. Plain sums suffice: x - mean is taken per value, so the sums
@@ -223,82 +210,84 @@ struct Welford {
 template <typename A, int K>
 struct GradSums {
   static constexpr int kChannels = K;
-  A gz[K];     // sum of gz
-  A gzxmu[K];  // sum of gz * (x - mean)
+  static constexpr int kValues = 2;  // per channel in Partials: gz, gzxmu
+  A gz[K];                           // sum of gz
+  A gzxmu[K];                        // sum of gz * (x - mean)
 
-  __device__ static GradSums empty() {
-    GradSums s;
-#pragma unroll
-    for (int k = 0; k < K; ++k) s.gz[k] = s.gzxmu[k] = 0;
-    return s;
-  }
+  __device__ A& value(int j, int k) { return j == 0 ? gz[k] : gzxmu[k]; }
+  __device__ A value(int j, int k) const { return j == 0 ? gz[k] : gzxmu[k]; }
+
 
   __device__ void merge(const GradSums& o) {
 #pragma unroll
     for (int k = 0; k < K; ++k) gz[k] += o.gz[k], gzxmu[k] += o.gzxmu[k];
   }
 
-  __device__ GradSums shfl_xor(int lane_mask) const {
-    GradSums o;
+};
+
+// What both accumulators share, over their values (value(j, k): value j of channel k).
+
+// The accumulator of no values: all zeros.
+template <class Acc>
+__device__ __forceinline__ Acc empty() {
+  Acc acc;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      o.gz[k] = __shfl_xor_sync(0xffffffffu, gz[k], lane_mask);
-      o.gzxmu[k] = __shfl_xor_sync(0xffffffffu, gzxmu[k], lane_mask);
+  for (int j = 0; j < Acc::kValues; ++j) {
+#pragma unroll
+    for (int k = 0; k < Acc::kChannels; ++k) acc.value(j, k) = 0;
+  }
+  return acc;
+}
+
+// The accumulator of lane (this lane ^ lane_mask).
+template <class Acc>
+__device__ __forceinline__ Acc shfl_xor(const Acc& acc, int lane_mask) {
+  Acc o;
+#pragma unroll
+  for (int j = 0; j < Acc::kValues; ++j) {
+#pragma unroll
+    for (int k = 0; k < Acc::kChannels; ++k) o.value(j, k) = __shfl_xor_sync(0xffffffffu, acc.value(j, k), lane_mask);
+  }
+  return o;
+}
+
+// Per-split partials of an accumulator, a reduction's workspace: one (S, C) array, row-major,
+// per value the accumulator keeps per channel (Welford: 3, GradSums: 2). Loads read L2 (__ldcg),
+// past the SM's L1: in a resident kernel, L1 may still hold a line of them from an earlier round,
+// read before other blocks wrote this round's partials into it.
+template <typename A, int kValues>
+struct Partials {
+  A* values[kValues];
+
+  template <class Acc>
+  __device__ Acc load(int64_t split, int64_t c, int64_t C) const {
+    static_assert(Acc::kValues == kValues, "the accumulator of these partials");
+    const int64_t at = split * C + c;
+    Acc acc;
+#pragma unroll
+    for (int j = 0; j < kValues; ++j) {
+#pragma unroll
+      for (int k = 0; k < Acc::kChannels; ++k) acc.value(j, k) = __ldcg(values[j] + at + k);
     }
-    return o;
+    return acc;
+  }
+
+  template <class Acc>
+  __device__ void store(int64_t split, int64_t c, int64_t C, const Acc& acc) const {
+    static_assert(Acc::kValues == kValues, "the accumulator of these partials");
+    const int64_t at = split * C + c;
+#pragma unroll
+    for (int j = 0; j < kValues; ++j) {
+#pragma unroll
+      for (int k = 0; k < Acc::kChannels; ++k) values[j][at + k] = acc.value(j, k);
+    }
   }
 };
 
-// Per-split Welford statistics, the training forward's workspace: three (S, C) arrays, row-major.
-// Loads read L2 (__ldcg), past the SM's L1: in a resident kernel, L1 may still hold a line of them
-// from an earlier round, read before other blocks wrote this round's partials into it.
 template <typename A>
-struct StatPartials {
-  A* n;
-  A* mean;
-  A* m2;
-
-  template <int K>
-  __device__ Welford<A, K> load(int64_t split, int64_t c, int64_t C) const {
-    const int64_t at = split * C + c;
-    Welford<A, K> w;
-    w.n = __ldcg(n + at);
-#pragma unroll
-    for (int k = 0; k < K; ++k) w.mean[k] = __ldcg(mean + at + k), w.m2[k] = __ldcg(m2 + at + k);
-    return w;
-  }
-
-  template <int K>
-  __device__ void store(int64_t split, int64_t c, int64_t C, const Welford<A, K>& w) const {
-    const int64_t at = split * C + c;
-#pragma unroll
-    for (int k = 0; k < K; ++k) n[at + k] = w.n, mean[at + k] = w.mean[k], m2[at + k] = w.m2[k];
-  }
-};
-
-// Per-split backward sums, the backward's workspace: two (S, C) arrays, row-major, loaded as
-// StatPartials are.
+using StatPartials = Partials<A, 3>;  // the training forward's: Welford
 template <typename A>
-struct GradPartials {
-  A* gz;
-  A* gzxmu;
-
-  template <int K>
-  __device__ GradSums<A, K> load(int64_t split, int64_t c, int64_t C) const {
-    const int64_t at = split * C + c;
-    GradSums<A, K> s;
-#pragma unroll
-    for (int k = 0; k < K; ++k) s.gz[k] = __ldcg(gz + at + k), s.gzxmu[k] = __ldcg(gzxmu + at + k);
-    return s;
-  }
-
-  template <int K>
-  __device__ void store(int64_t split, int64_t c, int64_t C, const GradSums<A, K>& s) const {
-    const int64_t at = split * C + c;
-#pragma unroll
-    for (int k = 0; k < K; ++k) gz[at + k] = s.gz[k], gzxmu[at + k] = s.gzxmu[k];
-  }
-};
+using GradPartials = Partials<A, 2>;  // the backward's: GradSums
 
 // Merges `acc` over the threads of the block that hold the same channels: those whose lane is the
 // same modulo `groups` (channel_groups()), first by warp shuffles, then across warps. Returns the
@@ -310,7 +299,7 @@ __device__ Acc block_merge(Acc acc, int groups) {
   const int rank = thread_rank(), lane = rank % 32, warp = rank / 32;
   __syncthreads();  // a previous call's readers are done with warp_totals
   // Lanes l and l ^ mask (mask >= groups, both powers of two) hold the same channels.
-  for (int mask = 16; mask >= groups; mask /= 2) acc.merge(acc.shfl_xor(mask));
+  for (int mask = 16; mask >= groups; mask /= 2) acc.merge(shfl_xor(acc, mask));
   if (lane < groups) warp_totals[warp][lane] = acc;
   __syncthreads();
   if (rank < groups) {
@@ -325,11 +314,11 @@ __device__ Acc block_merge(Acc acc, int groups) {
 // must call it.
 template <bool kAlongC, class Acc, class Partials>
 __device__ Acc merge_partials(const Partials& partials, int num_splits, int64_t c, int64_t C, int groups) {
-  Acc acc = Acc::empty();
+  Acc acc = empty<Acc>();
   const int first = kAlongC ? int(threadIdx.y) : thread_rank();
   const int step = kAlongC ? int(blockDim.y) : kThreads;
   if (c < C) {
-    for (int s = first; s < num_splits; s += step) acc.merge(partials.template load<Acc::kChannels>(s, c, C));
+    for (int s = first; s < num_splits; s += step) acc.merge(partials.template load<Acc>(s, c, C));
   }
   return block_merge(acc, groups);
 }

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   const int rank = thread_rank();
 
   const auto gather = [&](const ThreadTile<kAlongC, VEC>& tile) {
-    Welford<A, K> acc = Welford<A, K>::empty();
+    Welford<A, K> acc = empty<Welford<A, K>>();
     int64_t slot = rank;
     for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
       Vec<T, VEC> x[U];
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     A mu[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? p.mean[tile.c + k] : A(0);
-    GradSums<A, K> acc = GradSums<A, K>::empty();
+    GradSums<A, K> acc = empty<GradSums<A, K>>();
     int64_t slot = rank;
     for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
       Vec<T, VEC> gz[U], x[U];

@@ -18,7 +18,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   constexpr int U = items_per_step(sizeof(T) * VEC);
   const ThreadTile<kAlongC, VEC> tile(tiling);
 
-  Welford<A, K> acc = Welford<A, K>::empty();
+  Welford<A, K> acc = empty<Welford<A, K>>();
   for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
     Vec<T, VEC> x[U];
     load_step(input, in_view, tile, n, i, count, x);
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
   const int groups = channel_groups<kAlongC>();
 
-  Welford<A, K> batch = Welford<A, K>::empty();
+  Welford<A, K> batch = empty<Welford<A, K>>();
   if constexpr (kTraining) {
     batch = merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
   }
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 #pragma unroll
   for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? mean[tile.c + k] : A(0);
 
-  GradSums<A, K> acc = GradSums<A, K>::empty();
+  GradSums<A, K> acc = empty<GradSums<A, K>>();
   for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
     Vec<T, VEC> gz[U], x[U];
     load_gz(grad_output, g_view, relu_output, out_view, tile, n, i, count, gz);
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   const ThreadTile<kAlongC, VEC, /*kBackwards=*/true> tile(tiling);
   const int groups = channel_groups<kAlongC>();
 
-  GradSums<A, K> sums = GradSums<A, K>::empty();
+  GradSums<A, K> sums = empty<GradSums<A, K>>();
   if (p.num_splits > 0) {  // uniform over the block, as block_merge requires
     sums = merge_partials<kAlongC, GradSums<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
   }
