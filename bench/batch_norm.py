@@ -107,10 +107,10 @@ def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], obj
 
     if provider.startswith("cnnkern-"):
         backend = _backend(provider)
-        one_pass = "0" if provider.endswith("-two-pass") else "1"
+        # Read by the cuda launchers at each launch; set here, as the provider's calls come next.
+        os.environ["CNNKERN_CUDA_ONE_PASS"] = "0" if provider.endswith("-two-pass") else "1"
 
         def f():
-            os.environ["CNNKERN_CUDA_ONE_PASS"] = one_pass  # read by the cuda launchers at each call
             return cnnkern.functional.batch_norm(x, rm, rv, w, b, training, residual=r, activation="relu",
                                                  backend=backend)
     elif provider == "eager":

@@ -61,7 +61,6 @@ def test_selftest_cooperative_launch(cuda_emulator):
 @pytest.mark.parametrize("kernel,blocks,message", [
     ("grid_rotate", 10, "too many blocks in cooperative launch (cuda_emu: 10 blocks, 9 resident at once)"),
     ("grid_rotate_unraised", 3, "65536 bytes of dynamic shared memory, 49152 allowed"),
-    ("grid_rotate_uncooperative", 3, "grid sync in a launch that is not cooperative"),
 ])
 def test_selftest_cooperative_launch_rules(cuda_emulator, kernel, blocks, message):
     cuda_emulator.use_device(3)

@@ -93,7 +93,7 @@ struct DeviceLimits {
   int l2_bytes;
   int shared_per_sm;     // bytes of shared memory per SM
   int shared_per_block;  // bytes one block may use, opted in
-  bool cooperative;      // cooperative launches (grid syncs) are supported
+  bool cooperative;      // cooperative launches (all blocks resident at once) are supported
 };
 
 // The current device's limits, queried once per device.
@@ -157,6 +157,20 @@ void split_two(int64_t want, int64_t size_a, int64_t threads_a, int64_t size_b, 
   *per_b = ceil_div(size_b, splits_b);
 }
 
+// Splits each channel tile of `plan` (its block and tiling's sizes set) about `want` ways: sets the
+// tiling's shares and the grid's y and z.
+void split_plan(int64_t want, Plan* plan) {
+  Tiling& t = plan->tiling;
+  const int64_t tx = plan->block.x, ty = plan->block.y;
+  if (plan->along_c) {
+    split_two(want, t.items, ty, t.N, 1, &t.items_per_split, &t.n_per_split);  // l first: n is a per-thread loop
+  } else {
+    split_two(want, t.N, ty, t.items, tx, &t.n_per_split, &t.items_per_split);  // n first: keeps rows whole
+  }
+  plan->grid.y = unsigned(ceil_div(t.N, t.n_per_split));
+  plan->grid.z = unsigned(ceil_div(t.items, t.items_per_split));
+}
+
 // Plans a launch over ops[0..num_ops) (ops[0]: the input, which picks the orientation). Rewrites
 // their views in place: with L == 1, sL = sN (l is always 0, and this lets n merge into l); and
 // (N, L) merge into L when every present view allows it (sN == L * sL, e.g. channels_last).
@@ -213,16 +227,10 @@ cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, Plan* plan) {
   const int64_t splits =
       std::max<int64_t>(1, std::min(int64_t(sms) * kBlocksPerSM / channel_tiles,
                                     in.N * items / (item_threads * steps * kMinStepsPerThread)));
-  int64_t n_per, i_per;
-  if (plan->along_c) {
-    split_two(splits, items, ty, in.N, 1, &i_per, &n_per);  // l first: n is a per-thread loop
-  } else {
-    split_two(splits, in.N, ty, items, tx, &n_per, &i_per);  // n first: keeps rows whole
-  }
-
   plan->block = dim3(unsigned(tx), unsigned(ty));
-  plan->grid = dim3(unsigned(channel_tiles), unsigned(ceil_div(in.N, n_per)), unsigned(ceil_div(items, i_per)));
-  plan->tiling = Tiling{in.N, in.C, items, n_per, i_per};
+  plan->grid.x = unsigned(channel_tiles);
+  plan->tiling = Tiling{in.N, in.C, items, 0, 0};
+  split_plan(splits, plan);
   return cudaSuccess;
 }
 
@@ -270,20 +278,10 @@ bool plan_resident(const Plan& base, const DeviceLimits& device, int kept_tensor
       std::min<int64_t>(device.shared_per_block, device.shared_per_sm / kBlocksPerSM - kReservedPerBlock) -
       int64_t(static_shared);
   const int64_t blocks = int64_t(device.sms) * kBlocksPerSM, channel_tiles = base.grid.x;
-  const int64_t tx = base.block.x, ty = base.block.y;
   int64_t best = INT64_MAX;
   for (int64_t want = 1; want <= blocks; ++want) {
     Plan p = base;
-    int64_t n_per, i_per;
-    if (kAlongC) {
-      split_two(want, t.items, ty, t.N, 1, &i_per, &n_per);
-    } else {
-      split_two(want, t.N, ty, t.items, tx, &n_per, &i_per);
-    }
-    p.tiling.n_per_split = n_per;
-    p.tiling.items_per_split = i_per;
-    p.grid.y = unsigned(ceil_div(t.N, n_per));
-    p.grid.z = unsigned(ceil_div(t.items, i_per));
+    split_plan(want, &p);
     const int64_t splits = p.num_splits(), steps = max_steps(p, U), kept = steps * U * kThreads;
     const int64_t shared = kept_tensors * kept * int64_t(sizeof(Vec<T, VEC>));
     if (splits > blocks || shared > budget) continue;

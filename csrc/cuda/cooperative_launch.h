@@ -1,6 +1,6 @@
-// A cooperative launch: every block of the grid resident at once, so that the kernel may sync the
-// whole grid (cooperative_groups::this_grid().sync()). The runtime refuses a grid larger than the
-// occupancy allows (cudaErrorCooperativeLaunchTooLarge). Dynamic shared memory above 48 KB needs
+// A cooperative launch: every block of the grid resident at once, so that blocks may wait for
+// each other (a grid sync, or a spin wait on a counter) without deadlock. The runtime refuses a
+// grid larger than the occupancy allows (cudaErrorCooperativeLaunchTooLarge). Dynamic shared memory above 48 KB needs
 // the kernel's limit raised first (cudaFuncAttributeMaxDynamicSharedMemorySize).
 #pragma once
 #include <cuda_runtime.h>

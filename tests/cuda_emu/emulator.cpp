@@ -64,7 +64,7 @@ constexpr int kThreadsPerSM = 2048;
 constexpr int kMaxBlocksPerSM = 32;
 constexpr int kReservedSharedPerBlock = 1024;  // the driver's share of each block's shared memory
 
-enum class State { kReady, kAtBarrier, kAtShuffle, kAtGridSync, kSpinning, kDone };
+enum class State { kReady, kAtBarrier, kAtShuffle, kSpinning, kDone };
 
 struct Fiber {
   uint3 idx;
@@ -270,25 +270,17 @@ bool release_shuffles(Block& b, bool* released) {
 }
 
 // Releases the fibers that may go on, after every ready fiber ran to its next wait. False when
-// none may: the block waits for the rest of the grid (a spin wait, a grid sync), or broke a rule
-// (b.error says which).
+// none may: the block waits for the rest of the grid (a spin wait), or broke a rule (b.error
+// says which).
 bool release(Block& b) {
   bool released = false;
   if (!release_shuffles(b, &released)) return false;
   if (released) return true;
   const auto live = count(b, [](const Fiber& f) { return f.state != State::kDone; });
-  const auto at_barrier = count(b, [](const Fiber& f) { return f.state == State::kAtBarrier; });
-  const auto at_grid = count(b, [](const Fiber& f) { return f.state == State::kAtGridSync; });
   if (count(b, [](const Fiber& f) { return f.state == State::kSpinning; }) > 0) return false;
-  if (at_grid == live) return false;
-  // Every live fiber waits at a barrier or a grid sync.
+  // Every live fiber waits at a barrier.
   const Fiber& first =
       *std::find_if(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.state == State::kAtBarrier; });
-  if (at_grid > 0) {
-    fail(b, std::to_string(at_grid) + " threads wait at a grid sync while " + std::to_string(at_barrier) +
-                " wait at __syncthreads() (" + site(first) + ")");
-    return false;
-  }
   if (live != static_cast<std::ptrdiff_t>(b.fibers.size())) {
     fail(b, std::to_string(b.fibers.size() - live) + " threads exited while the other " + std::to_string(live) +
                 " wait at __syncthreads() (" + site(first) + ")");
@@ -358,8 +350,7 @@ cudaError_t run_blocks(const Launch& launch, const std::function<void()>& body,
       run_block(b, k % 2 == 1);
     } while (b.error.empty() && spinning(b) && g_progress != before);
     if (b.error.empty() && !done(b)) {
-      fail(b, spinning(b) ? "a spin wait that only other blocks can end, in a launch that is not cooperative"
-                          : "grid sync in a launch that is not cooperative");
+      fail(b, "a spin wait that only other blocks can end, in a launch that is not cooperative");
     }
     if (!b.error.empty()) return launch_failure(b.error);
   }
@@ -367,9 +358,8 @@ cudaError_t run_blocks(const Launch& launch, const std::function<void()>& body,
 }
 
 // A cooperative launch: every block alive at once. In turns, each block runs until it waits for
-// the others (a spin wait, a grid sync) or exits; a grid sync releases once every thread waits
-// at one, a spin wait tries again each turn, and a turn in which no thread gets past a spin wait
-// is a deadlock.
+// the others (a spin wait) or exits; a spin wait tries again each turn, and a turn in which no
+// thread gets past a spin wait is a deadlock.
 cudaError_t run_cooperative(const Launch& launch, const std::function<void()>& body, std::vector<std::uint64_t> order,
                             std::mt19937_64& rng) {
   const int threads = int(launch.block.x * launch.block.y * launch.block.z);
@@ -388,24 +378,12 @@ cudaError_t run_cooperative(const Launch& launch, const std::function<void()>& b
       if (!b.error.empty()) return launch_failure(b.error);
     }
     if (std::all_of(blocks.begin(), blocks.end(), done)) return cudaSuccess;
+    if (g_progress == before) {  // every block not done spins, and none got further
+      Block& spinner = *std::find_if(blocks.begin(), blocks.end(), spinning);
+      fail(spinner, "deadlock: threads spin-wait for what no thread of the grid will do");
+      return launch_failure(spinner.error);
+    }
     std::shuffle(turns.begin(), turns.end(), rng);  // the next turn in another order
-    const auto spinner = std::find_if(blocks.begin(), blocks.end(), spinning);
-    if (spinner != blocks.end()) {
-      if (g_progress != before) continue;
-      fail(*spinner, "deadlock: threads spin-wait for what no thread of the grid will do");
-      return launch_failure(spinner->error);
-    }
-    // Every block waits at the grid sync or has exited: all of them must wait.
-    for (Block& b : blocks) {
-      const auto exited = count(b, [](const Fiber& f) { return f.state == State::kDone; });
-      if (exited > 0) {
-        fail(b, std::to_string(exited) + " threads exited while the grid waits at a grid sync");
-        return launch_failure(b.error);
-      }
-    }
-    for (Block& b : blocks) {
-      for (Fiber& f : b.fibers) f.state = State::kReady;
-    }
   }
 }
 
@@ -441,10 +419,6 @@ void syncthreads(const char* file, int line) {
 
 void spin_wait() { yield(State::kSpinning); }
 
-void grid_sync() {
-  if (!t_block->launch->cooperative) fail(*t_block, "grid sync in a launch that is not cooperative");
-  yield(State::kAtGridSync);
-}
 
 void shuffle(const void* value, void* out, std::size_t bytes, unsigned mask, int src_lane) {
   Block& b = *t_block;

@@ -4,10 +4,9 @@
 // Each CUDA thread of a block is a fiber on its own stack; blocks run one after another, in a
 // shuffled order (a kernel whose blocks depend on each other's writes shows it), and their
 // threads in rank order or its reverse, alternately. Fibers switch only at __syncthreads(), warp
-// shuffles, grid syncs and the __nanosleep() of spin waits, with CUDA's rules checked: a barrier
-// releases once every thread of the block waits at the same __syncthreads() call, a shuffle once
-// all 32 lanes of the warp wait at one, a grid sync (cooperative launches only) once every thread
-// of the grid waits at one, a spin wait when the other blocks have had their turn (only a
+// shuffles and the __nanosleep() of spin waits, with CUDA's rules checked: a barrier releases
+// once every thread of the block waits at the same __syncthreads() call, a shuffle once all 32
+// lanes of the warp wait at one, a spin wait when the other blocks have had their turn (only a
 // cooperative launch guarantees that they run meanwhile; a turn without progress is a deadlock);
 // anything else (a thread that exited or waits at another call while the rest wait at a barrier,
 // a lane that exited or waits at a barrier while its warp shuffles) fails the launch with
@@ -17,14 +16,13 @@
 // Memory: static __shared__ variables become function statics, one instance per kernel, which
 // serves every block since blocks never overlap between barriers: a cooperative launch runs each
 // block until it waits for the grid before the next block runs, so a static __shared__ value does
-// not survive a grid sync or a spin wait there (dynamic shared memory, one buffer per block,
-// does; it ends at an unmapped page, so an access past the launch's size faults). Atomics,
-// fences and cache hints are plain memory operations. Dynamic
-// shared memory and kernel outputs start as all-ones bytes (NaN), so a value read before any
-// thread writes it shows. Launches check the block size, grid size and dynamic shared memory
-// (48 KB unless cudaFuncSetAttribute raised it, up to the device's opt-in limit), and a
-// cooperative grid against the occupancy. What the emulator cannot show: timing, memory-model
-// races between barriers, misaligned vector accesses, registers.
+// not survive a spin wait there (dynamic shared memory, one buffer per block, does; it ends at an
+// unmapped page, so an access past the launch's size faults). Atomics, fences and cache hints are
+// plain memory operations. Dynamic shared memory and kernel outputs start as all-ones bytes
+// (NaN), so a value read before any thread writes it shows. Launches check the block size, grid
+// size and dynamic shared memory (48 KB unless cudaFuncSetAttribute raised it, up to the device's
+// opt-in limit), and a cooperative grid against the occupancy. What the emulator cannot show:
+// timing, memory-model races between barriers, misaligned vector accesses, registers.
 //
 // The emulated device (use_device in the Python module) has a number of SMs, an L2 size and
 // shared memory limits; occupancy is limited by threads (2048 per SM) and shared memory only.
@@ -52,8 +50,6 @@ void syncthreads(const char* file, int line);
 void shuffle(const void* value, void* out, std::size_t bytes, unsigned mask, int src_lane);
 int lane();
 
-// A cooperative launch's barrier across the whole grid (cooperative_groups::this_grid().sync()).
-void grid_sync();
 // A spin wait's pause (__nanosleep): lets the other threads of the grid run first.
 void spin_wait();
 // The running block's dynamic shared memory.

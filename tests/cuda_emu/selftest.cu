@@ -1,7 +1,6 @@
 // Kernels that test the emulator itself (tests/test_cuda_emulator.py): one that follows CUDA's
 // rules and must compute the right thing, and one for each broken rule the emulator must report.
 // Compiled, like csrc/cuda/*.cu, after the launch rewrite of tests/cuda_emulator.py.
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -55,21 +54,6 @@ __global__ void missing_barrier(const float*, float* out) {
   out[blockIdx.x * kThreads + t] = stored[(t + 1) % kThreads];
 }
 
-// out[b * 128 + t] = in[b * 128 + t] + in[(b + 1) % B * 128 + t]: a cooperative kernel that
-// keeps its own value in dynamic shared memory across two grid syncs, and reads the next block's
-// through global memory in between. Instances (kTag) keep their launch attributes apart.
-template <int kTag>
-__global__ void grid_rotate(const float* in, float* out) {
-  extern __shared__ __align__(16) float own[];
-  const int64_t at = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  own[threadIdx.x] = in[at];
-  out[at] = in[at];
-  cooperative_groups::this_grid().sync();
-  const float next = out[(blockIdx.x + 1) % gridDim.x * kThreads + threadIdx.x];
-  cooperative_groups::this_grid().sync();
-  out[at] = own[threadIdx.x] + next;
-}
-
 // Blocks meet at a counter (out[B * 128]): thread 0 counts its block in, then spin-waits until
 // `expected` per meeting have (the grid's size: a meeting; one more: a deadlock).
 __device__ void meet(unsigned* arrived, unsigned target) {
@@ -84,7 +68,6 @@ __device__ void meet(unsigned* arrived, unsigned target) {
 
 // out[b * 128 + t] = the sum over blocks b' of in[b' * 128 + t], gathered from the rows of out
 // the other blocks write before the first meeting, and written after the second.
-template <int kTag>
 __global__ void spin_meeting(const float* in, float* out, unsigned expected) {
   unsigned* const arrived = reinterpret_cast<unsigned*>(out + gridDim.x * kThreads);
   const int64_t at = int64_t(blockIdx.x) * kThreads + threadIdx.x;
@@ -94,6 +77,22 @@ __global__ void spin_meeting(const float* in, float* out, unsigned expected) {
   for (unsigned b = 0; b < gridDim.x; ++b) sum += __ldcg(out + b * kThreads + threadIdx.x);
   meet(arrived, 2 * expected);
   out[at] = sum;
+}
+
+// out[b * 128 + t] = in[b * 128 + t] + in[(b + 1) % B * 128 + t]: keeps its own value in
+// dynamic shared memory across two meetings, and reads the next block's through global memory
+// in between. Instances (kTag) keep their launch attributes apart.
+template <int kTag>
+__global__ void grid_rotate(const float* in, float* out) {
+  extern __shared__ __align__(16) float own[];
+  unsigned* const arrived = reinterpret_cast<unsigned*>(out + gridDim.x * kThreads);
+  const int64_t at = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  own[threadIdx.x] = in[at];
+  out[at] = in[at];
+  meet(arrived, gridDim.x);
+  const float next = __ldcg(out + (blockIdx.x + 1) % gridDim.x * kThreads + threadIdx.x);
+  meet(arrived, 2 * gridDim.x);
+  out[at] = own[threadIdx.x] + next;
 }
 
 constexpr int kRotateShared = 64 << 10;  // more than the 48 KB a kernel gets by default
@@ -108,6 +107,7 @@ cudaError_t launch_grid_rotate(const float* in, float* out, unsigned blocks, uns
       return err;
     }
   }
+  cudaMemsetAsync(out + blocks * kThreads, 0, sizeof(unsigned));
   return cnnkern::cuda::launch_cooperative(grid_rotate<kTag>, dim3(blocks), dim3(threads), kRotateShared, nullptr,
                                            in, out);
 }
@@ -123,19 +123,15 @@ cudaError_t cuda_emu_selftest(const char* kernel, const float* in, float* out, u
   if (std::strcmp(kernel, "missing_barrier") == 0) k = missing_barrier;
   if (std::strcmp(kernel, "grid_rotate") == 0) return launch_grid_rotate<0>(in, out, blocks, threads, true);
   if (std::strcmp(kernel, "grid_rotate_unraised") == 0) return launch_grid_rotate<1>(in, out, blocks, threads, false);
-  if (std::strcmp(kernel, "grid_rotate_uncooperative") == 0) {
-    grid_rotate<2><<<blocks, threads, kThreads * sizeof(float), nullptr>>>(in, out);
-    return cudaGetLastError();
-  }
   if (std::strcmp(kernel, "spin_meeting") == 0 || std::strcmp(kernel, "spin_deadlock") == 0) {
     const unsigned expected = blocks + (kernel[5] == 'd' ? 1 : 0);
     cudaMemsetAsync(out + blocks * kThreads, 0, sizeof(unsigned));
-    return cnnkern::cuda::launch_cooperative(spin_meeting<0>, dim3(blocks), dim3(threads), 0, nullptr, in, out,
+    return cnnkern::cuda::launch_cooperative(spin_meeting, dim3(blocks), dim3(threads), 0, nullptr, in, out,
                                              expected);
   }
   if (std::strcmp(kernel, "spin_uncooperative") == 0) {
     cudaMemsetAsync(out + blocks * kThreads, 0, sizeof(unsigned));
-    spin_meeting<1><<<blocks, threads, 0, nullptr>>>(in, out, blocks);
+    spin_meeting<<<blocks, threads, 0, nullptr>>>(in, out, blocks);
     return cudaGetLastError();
   }
   if (!k) return cudaErrorInvalidValue;
