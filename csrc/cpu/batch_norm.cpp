@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "bn_checks.h"
+#include "bn_signatures.h"
 
 namespace cnnkern {
 namespace {
@@ -677,9 +678,6 @@ at::Tensor bn_forward_eval_kernel(const at::Tensor& input, const std::optional<a
   return output;
 }
 
-// Tensor? results: std::nullopt for the entries output_mask leaves out.
-using OptionalTensor = std::optional<at::Tensor>;
-
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output_opt,
     const std::optional<at::Tensor>& weight_opt, const at::Tensor& mean, const at::Tensor& invstd, bool training,
@@ -702,8 +700,10 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_ba
   at::Tensor grad_weight = want_weight ? at::zeros({input.size(1)}, param_options) : at::Tensor();
   at::Tensor grad_bias = want_bias ? at::zeros({input.size(1)}, param_options) : at::Tensor();
   at::Tensor grad_residual = want_residual ? at::empty_like(input) : at::Tensor();
-  const auto result = [](const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; };
-  if (input.numel() == 0) return {result(grad_input), result(grad_weight), result(grad_bias), result(grad_residual)};
+  const auto results = [&]() -> std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> {
+    return {as_optional(grad_input), as_optional(grad_weight), as_optional(grad_bias), as_optional(grad_residual)};
+  };
+  if (input.numel() == 0) return results();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_kernel", [&] {
     dispatch_param_type<scalar_t>(param_dtype, [&](auto p) {
@@ -711,10 +711,14 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_ba
                                                      grad_input, grad_weight, grad_bias, grad_residual);
     });
   });
-  return {result(grad_input), result(grad_weight), result(grad_bias), result(grad_residual)};
+  return results();
 }
 
 }  // namespace
+
+static_assert(std::is_same_v<decltype(bn_forward_train_kernel), BnForwardTrainSignature>);
+static_assert(std::is_same_v<decltype(bn_forward_eval_kernel), BnForwardEvalSignature>);
+static_assert(std::is_same_v<decltype(bn_backward_kernel), BnBackwardSignature>);
 
 TORCH_LIBRARY_IMPL(cnnkern, CPU, m) {
   m.impl(TORCH_SELECTIVE_NAME("cnnkern::bn_forward_train"), TORCH_FN(bn_forward_train_kernel));

@@ -25,6 +25,9 @@ struct CudaRuntime {
   static at::Tensor empty_like(const at::Tensor& t) { return at::empty_like(t); }
 };
 
+static_assert(cuda_wrappers::matches_op_signatures<CudaRuntime>,
+              "the CUDA kernels' signatures must match bn_signatures.h (the CPU kernels' too)");
+
 }  // namespace
 }  // namespace cnnkern
 

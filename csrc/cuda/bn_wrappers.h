@@ -14,8 +14,10 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "bn_checks.h"
+#include "bn_signatures.h"
 #include "cuda/batch_norm.h"
 
 namespace cnnkern::cuda_wrappers {
@@ -126,7 +128,7 @@ at::Tensor bn_forward_eval(const at::Tensor& input, const std::optional<at::Tens
 }
 
 template <class Runtime>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward(
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output_opt,
     const std::optional<at::Tensor>& weight_opt, const at::Tensor& mean, const at::Tensor& invstd, bool training,
     bool relu, std::array<bool, 4> output_mask) {
@@ -148,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward(
   at::Tensor grad_input = want_input ? Runtime::empty_like(input) : at::Tensor();
   at::Tensor grad_residual = want_residual ? Runtime::empty_like(input) : at::Tensor();
   if (input.numel() == 0) {  // empty batch: nothing flows, parameter grads are zero
-    return {grad_input, want_weight ? at::zeros({C}, param_options) : at::Tensor(),
-            want_bias ? at::zeros({C}, param_options) : at::Tensor(), grad_residual};
+    return {as_optional(grad_input), want_weight ? as_optional(at::zeros({C}, param_options)) : std::nullopt,
+            want_bias ? as_optional(at::zeros({C}, param_options)) : std::nullopt, as_optional(grad_residual)};
   }
   at::Tensor grad_weight = want_weight ? Runtime::empty({C}, param_options) : at::Tensor();
   at::Tensor grad_bias = want_bias ? Runtime::empty({C}, param_options) : at::Tensor();
@@ -184,7 +186,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward(
   Runtime::check(cuda::bn_backward_workspace(args, &bytes));
   const at::Tensor scratch = Runtime::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
   Runtime::check(cuda::bn_backward(args, scratch.mutable_data_ptr(), Runtime::stream()));
-  return {grad_input, grad_weight, grad_bias, grad_residual};
+  return {as_optional(grad_input), as_optional(grad_weight), as_optional(grad_bias), as_optional(grad_residual)};
 }
+
+// The signatures the dispatcher expects of every backend's kernels, checked for each Runtime.
+template <class Runtime>
+constexpr bool matches_op_signatures = std::is_same_v<decltype(bn_forward_train<Runtime>), BnForwardTrainSignature> &&
+                                       std::is_same_v<decltype(bn_forward_eval<Runtime>), BnForwardEvalSignature> &&
+                                       std::is_same_v<decltype(bn_backward<Runtime>), BnBackwardSignature>;
 
 }  // namespace cnnkern::cuda_wrappers

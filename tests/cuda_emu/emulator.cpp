@@ -555,6 +555,9 @@ struct EmulatedRuntime {
   }
 };
 
+static_assert(cnnkern::cuda_wrappers::matches_op_signatures<EmulatedRuntime>,
+              "the CUDA wrappers' signatures must match csrc/bn_signatures.h, as the dispatcher requires");
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
