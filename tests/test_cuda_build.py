@@ -1,7 +1,8 @@
 """Every csrc/cuda/*.cu compiles with plain nvcc (no torch headers) for sm_80 and
 sm_90, without a warning and without spilling registers, so CUDA sources are
-checked on machines with no GPU."""
+checked on machines with no GPU; and the PTX keeps a loop that one nvcc release dropped."""
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -23,3 +24,38 @@ def test_nvcc_compiles(source, tmp_path):
 
 def test_there_are_cuda_sources():
     assert SOURCES, "csrc/cuda/*.cu not found"
+
+
+# Kernels whose step loop (for_each_step) runs over several n per thread: along C, unvectorized
+# (N does not merge into L when another tensor has another layout). Mangled-name fragments.
+NESTED_STEP_LOOPS = ("bn_stats_kernelIdLb1ELi1E", "bn_forward_kernelIddLb1ELi1ELb0E", "bn_forward_kernelIddLb1ELi1ELb1E",
+                     "bn_grad_sums_kernelIdLb1ELi1E", "bn_backward_kernelIddLb1ELi1E")
+
+
+def loop_depth(ptx_body: str) -> int:
+    """The deepest nesting of loops in one PTX function: each backward branch is a loop from its
+    target label to itself."""
+    labels, loops = {}, []
+    for line_no, line in enumerate(ptx_body.splitlines()):
+        if m := re.match(r"^(\$L__\w+):", line):
+            labels[m.group(1)] = line_no
+        elif (m := re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)) and m.group(1) in labels:
+            loops.append((labels[m.group(1)], line_no))
+    return max((sum(a <= b0 and b1 <= c for a, c in loops) for b0, b1 in loops), default=0)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_step_loops_stay_nested(tmp_path):
+    """nvcc 13.0 once compiled for_each_step's loop over n into a single pass when its step was a
+    compile-time 1 (along C): only the first n of each thread was read and written, on the GPU
+    alone (the CPU emulator compiles with g++). The PTX of those kernels must keep two loops."""
+    ptx = tmp_path / "batch_norm.ptx"
+    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-ptx", str(ROOT / "csrc" / "cuda" / "batch_norm.cu"),
+           "-o", str(ptx), "-I", str(ROOT / "csrc")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    functions = re.split(r"^\.visible \.entry ", ptx.read_text(), flags=re.M)[1:]
+    for fragment in NESTED_STEP_LOOPS:
+        bodies = [f for f in functions if fragment in f.split("(", 1)[0]]
+        assert len(bodies) == 1, f"{fragment}: expected one kernel, found {len(bodies)}"
+        assert loop_depth(bodies[0]) >= 2, f"{fragment}: the loop over n is gone from the PTX"
