@@ -47,7 +47,8 @@ def parse_args(argv):
 
 def _commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        # --dirty: a run from uncommitted sources (as on a GPU machine's copy of the tree) says so.
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               cwd=os.path.dirname(__file__)).stdout.strip() or None
     except OSError:
         return None
