@@ -1,0 +1,228 @@
+// CPU kernel of the batch-norm backward: grad_input, grad_weight, grad_bias and
+// grad_residual of y = act(batch_norm(x) + residual). The contract is in
+// csrc/ops.cpp; the line walks in bn_lines.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "bn_checks.h"
+#include "bn_signatures.h"
+#include "cpu/bn_lines.h"
+
+namespace cnnkern {
+namespace {
+
+using namespace cpu;  // NOLINT: the line walks and passes of bn_lines.h
+
+// ---- backward -----------------------------------------------------------------
+
+// The gradient reaching the batch norm: grad_output, zeroed where the ReLU was off.
+template <bool kRelu, typename acc_t, typename G, typename Y>
+acc_t relu_grad(const G& g, const Y& y, int64_t k) {
+  const acc_t gk = static_cast<acc_t>(g[k]);  // loaded unconditionally: a select, not a branch
+  if constexpr (kRelu) {
+    return static_cast<acc_t>(y[k]) > acc_t(0) ? gk : acc_t(0);
+  } else {
+    return gk;
+  }
+}
+
+// Per channel of the walk: {sum gz for each, then sum gz * (x - mean) for each}, in double.
+// A defined grad_residual receives gz on the way (it is gz when relu): the
+// elementwise pass then reads it instead of grad_output and output.
+template <typename scalar_t>
+std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
+                              const at::Tensor& output, const at::opmath_type<scalar_t>* mean, bool relu,
+                              const at::Tensor& grad_residual) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<double> sums;
+  dispatch_bool(relu, [&](auto do_relu) {
+    dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
+      dispatch_strides(w, {&grad_output, &input, &output, &grad_residual}, [&](auto ts, auto cs) {
+        using TS = decltype(ts);
+        using CS = decltype(cs);
+        constexpr bool kRelu = decltype(do_relu)::value, kResidual = decltype(want_residual)::value;
+        const auto G = w.lines<const scalar_t, TS>(grad_output);
+        const auto X = w.lines<const scalar_t, TS>(input);
+        const auto Y = w.lines<const scalar_t, TS>(output);
+        const auto DR = w.lines<scalar_t, TS>(grad_residual);
+        const auto Mean = w.per_channel<CS>(mean);
+        sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
+          return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dr = DR.line(n, j),
+                  mean = Mean.line(n, j)](int64_t k) {
+            const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
+            if constexpr (kResidual) dr[k] = static_cast<scalar_t>(gz);
+            return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
+          };
+        });
+      });
+    });
+  });
+  return sums;
+}
+
+// Per-channel coefficients of grad_input = (gz - mean_gz - (x - mean) * proj) * scale;
+// mean_gz and proj are 0 in eval mode, where the statistics are constants.
+template <typename acc_t>
+struct GradCoeffs {
+  const acc_t* mean;
+  std::vector<acc_t> mean_gz, proj, scale;
+};
+
+// The elementwise pass of the backward: grad_input and/or grad_residual (= gz).
+template <typename scalar_t>
+void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
+                      const at::Tensor& output, bool training, bool relu,
+                      const GradCoeffs<at::opmath_type<scalar_t>>& coeffs, const at::Tensor& grad_input,
+                      const at::Tensor& grad_residual) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // In eval mode grad_input = gz * scale: input is not read at all.
+  const at::Tensor x_used = training && grad_input.defined() ? input : at::Tensor();
+  dispatch_bool(relu, [&](auto do_relu) {
+    dispatch_bool(training, [&](auto is_training) {
+      dispatch_bool(grad_input.defined(), [&](auto want_input) {
+        dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
+          dispatch_strides(w, {&grad_output, &x_used, &output, &grad_input, &grad_residual}, [&](auto ts, auto cs) {
+            using TS = decltype(ts);
+            using CS = decltype(cs);
+            constexpr bool kRelu = decltype(do_relu)::value, kTraining = decltype(is_training)::value;
+            constexpr bool kInput = decltype(want_input)::value, kResidual = decltype(want_residual)::value;
+            const auto G = w.lines<const scalar_t, TS>(grad_output);
+            const auto X = w.lines<const scalar_t, TS>(x_used);
+            const auto Y = w.lines<const scalar_t, TS>(output);
+            const auto DX = w.lines<scalar_t, TS>(grad_input);
+            const auto DR = w.lines<scalar_t, TS>(grad_residual);
+            const auto Mean = w.per_channel<CS>(coeffs.mean);
+            const auto MeanGz = w.per_channel<CS>(coeffs.mean_gz.data());
+            const auto Proj = w.per_channel<CS>(coeffs.proj.data());
+            const auto Scale = w.per_channel<CS>(coeffs.scale.data());
+            for_each_element(w, [&](int64_t n, int64_t j) {
+              return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dx = DX.line(n, j), dr = DR.line(n, j),
+                      mean = Mean.line(n, j), mean_gz = MeanGz.line(n, j), proj = Proj.line(n, j),
+                      scale = Scale.line(n, j)](int64_t k) {
+                const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
+                if constexpr (kInput) {
+                  if constexpr (kTraining) {
+                    dx[k] = static_cast<scalar_t>(
+                        (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
+                  } else {
+                    dx[k] = static_cast<scalar_t>(gz * scale[k]);
+                  }
+                }
+                if constexpr (kResidual) dr[k] = static_cast<scalar_t>(gz);
+              };
+            });
+          });
+        });
+      });
+    });
+  });
+}
+
+template <typename scalar_t, typename param_t>
+void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& output,
+                             const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
+                             bool training, bool relu, const at::Tensor& grad_input, const at::Tensor& grad_weight,
+                             const at::Tensor& grad_bias, const at::Tensor& grad_residual) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Walk w(view3d(input, "input"));
+  const int64_t C = w.C;
+  const acc_t* mean_p = mean.data_ptr<acc_t>();
+  const acc_t* invstd_p = invstd.data_ptr<acc_t>();
+
+  GradCoeffs<acc_t> coeffs{mean_p, std::vector<acc_t>(C, 0), std::vector<acc_t>(C, 0),
+                           param_or<acc_t, param_t>(weight, C, 1)};
+  for (int64_t c = 0; c < C; ++c) coeffs.scale[c] *= invstd_p[c];
+  param_t* gw = grad_weight.defined() ? grad_weight.data_ptr<param_t>() : nullptr;
+  param_t* gb = grad_bias.defined() ? grad_bias.data_ptr<param_t>() : nullptr;
+
+  // Eval mode needs the sums only for grad_weight / grad_bias.
+  const bool need_sums = gw || gb || (training && grad_input.defined());
+  // With relu, the sums pass writes grad_residual (= gz), and grad_input is
+  // computed from it: one tensor fewer to read than grad_output and output.
+  const bool residual_first = need_sums && relu && grad_residual.defined();
+  const auto elementwise = [&](const Walk& part) {
+    if (residual_first) {
+      if (grad_input.defined()) {
+        grad_elementwise<scalar_t>(part, grad_residual, input, at::Tensor(), training, /*relu=*/false, coeffs,
+                                   grad_input, at::Tensor());
+      }
+    } else if (grad_input.defined() || grad_residual.defined()) {
+      grad_elementwise<scalar_t>(part, grad_output, input, output, training, relu, coeffs, grad_input, grad_residual);
+    }
+  };
+  if (!need_sums) return elementwise(w);
+
+  // The sums pass reads grad_output, input and (relu) output, and may write grad_residual.
+  const int64_t first_pass_tensors = 2 + relu + residual_first;
+  by_channel_blocks(w, first_pass_tensors * w.M * input.element_size(), [&](const Walk& part) {
+    const std::vector<double> sums = grad_sums<scalar_t>(part, grad_output, input, output, mean_p, relu,
+                                                         residual_first ? grad_residual : at::Tensor());
+    for (int64_t i = 0; i < part.nc; ++i) {
+      const int64_t c = part.c0 + i;
+      const double sum_gz = sums[i], sum_gzxmu = sums[part.nc + i];
+      if (gw) gw[c] = static_cast<acc_t>(sum_gzxmu) * invstd_p[c];
+      if (gb) gb[c] = static_cast<acc_t>(sum_gz);
+      if (training) {
+        coeffs.mean_gz[c] = static_cast<acc_t>(sum_gz / w.M);
+        coeffs.proj[c] = static_cast<acc_t>(sum_gzxmu / w.M) * invstd_p[c] * invstd_p[c];
+      }
+    }
+    elementwise(part);
+  });
+}
+
+// ---- registered ops: checks, allocation, dispatch ------------------------------
+
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_backward_kernel(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output_opt,
+    const std::optional<at::Tensor>& weight_opt, const at::Tensor& mean, const at::Tensor& invstd, bool training,
+    bool relu, std::array<bool, 4> output_mask) {
+  const at::Tensor weight = value_or_undefined(weight_opt);
+  // Without relu the output is not read (it may since have been overwritten in place).
+  const at::Tensor output = relu ? value_or_undefined(output_opt) : at::Tensor();
+  check_input(input);
+  check_like_input(grad_output, input, "grad_output");
+  TORCH_CHECK(!relu || output.defined(), "output is required when relu is true (its sign is the ReLU mask)");
+  if (relu) check_like_input(output, input, "output");
+  // grad_weight / grad_bias take weight's dtype, or the statistics dtype without weight.
+  const at::ScalarType param_dtype = check_params(input, {{&weight, "weight"}});
+  check_stats(mean, input, "mean");
+  check_stats(invstd, input, "invstd");
+
+  const auto [want_input, want_weight, want_bias, want_residual] = output_mask;
+  const auto param_options = input.options().dtype(param_dtype);
+  at::Tensor grad_input = want_input ? at::empty_like(input) : at::Tensor();
+  at::Tensor grad_weight = want_weight ? at::zeros({input.size(1)}, param_options) : at::Tensor();
+  at::Tensor grad_bias = want_bias ? at::zeros({input.size(1)}, param_options) : at::Tensor();
+  at::Tensor grad_residual = want_residual ? at::empty_like(input) : at::Tensor();
+  const auto results = [&]() -> std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> {
+    return {as_optional(grad_input), as_optional(grad_weight), as_optional(grad_bias), as_optional(grad_residual)};
+  };
+  if (input.numel() == 0) return results();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_kernel", [&] {
+    dispatch_param_type<scalar_t>(param_dtype, [&](auto p) {
+      bn_backward_kernel_impl<scalar_t, decltype(p)>(grad_output, input, output, weight, mean, invstd, training, relu,
+                                                     grad_input, grad_weight, grad_bias, grad_residual);
+    });
+  });
+  return results();
+}
+
+}  // namespace
+
+static_assert(std::is_same_v<decltype(bn_backward_kernel), BnBackwardSignature>);
+
+TORCH_LIBRARY_IMPL(cnnkern, CPU, m) {
+  m.impl(TORCH_SELECTIVE_NAME("cnnkern::bn_backward"), TORCH_FN(bn_backward_kernel));
+}
+
+}  // namespace cnnkern

@@ -1,0 +1,350 @@
+// What the CPU kernels of the batch-norm family share: bn_forward.cpp (y =
+// act(batch_norm(x) + residual), training and eval) and bn_backward.cpp. The
+// contract (shapes, dtypes, math) is in csrc/ops.cpp and csrc/bn_checks.h.
+//
+// Every pass walks the (N, C, L) index space as lines along the input's
+// unit-stride dim: along L for NCHW (the channel is fixed on a line), along C
+// for channels_last (the channel is the position on the line). Each tensor is
+// addressed with its own strides, so channel slices, mixed layouts and stride-0
+// gradients need no copy; the common case, where every tensor has unit stride
+// along the lines, gets its own instantiation, whose line loops vectorize.
+//
+// Training forward reads the input twice (statistics, then normalize), the
+// backward reads its inputs twice (reductions, then grad_input; with a ReLU
+// and grad_residual wanted, the first pass writes grad_residual and the second
+// reads it instead of grad_output and output); per-channel work in between is
+// O(C). Along L, a thread takes blocks of channels through both passes, so that
+// the second reads what the first left in its cache (by_channel_blocks).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include <unistd.h>
+
+#include "strided3d.h"
+
+namespace cnnkern::cpu {
+
+// ---- walking (N, C, L) as lines ---------------------------------------------
+
+// Line strides known at compile time: Unit makes loads contiguous (vectorizable),
+// Bcast is a per-channel array on an L line (one value, hoisted out of the loop).
+using Unit = std::integral_constant<int64_t, 1>;
+using Bcast = std::integral_constant<int64_t, 0>;
+
+template <typename S>
+S line_stride(int64_t s) {
+  if constexpr (std::is_same_v<S, int64_t>) {
+    return s;
+  } else {
+    TORCH_INTERNAL_ASSERT(s == S::value);
+    return S{};
+  }
+}
+
+// One line of a tensor: element k is p[k * stride].
+template <typename T, typename S>
+struct Line {
+  T* p;
+  S stride;
+  T& operator[](int64_t k) const { return p[k * stride]; }
+};
+
+// A tensor (or a per-channel array) as lines (n, j), j < J.
+template <typename T, typename S>
+struct Lines {
+  T* data;
+  int64_t s_n, s_j;
+  S stride;
+  Line<T, S> line(int64_t n, int64_t j) const { return {data + n * s_n + j * s_j, stride}; }
+};
+
+// Lines are cut into segments of at most kSegment elements, the unit of parallel
+// work: a few long lines (C = 1, large L) still spread over all threads.
+constexpr int64_t kSegment = 4096;
+
+// Lines run along the dim that loads contiguously: L for NCHW, C for
+// channels_last and whenever L == 1; for other strides, the smaller one.
+inline bool walk_along_c(const Strided3d& x) {
+  if (x.L == 1 || x.C == 1) return x.L == 1;
+  if (x.sL == 1 || x.sC == 1) return x.sC == 1;
+  return x.sC < x.sL;
+}
+
+// Lines (n, j) for n < N, each `len` elements long: j = channel and len = L
+// when walking along L, j = spatial index and len = C along C. A walk covers
+// channels [c0, c0 + nc): all of them, or along L a block of them (channels()).
+struct Walk {
+  bool along_c;
+  int64_t N, C, J, len, segs;
+  int64_t M;       // values per channel: N * L
+  int64_t c0, nc;  // the channels covered
+  int64_t j0;      // first line index: c0 along L, 0 along C
+
+  explicit Walk(const Strided3d& x)
+      : along_c(walk_along_c(x)),
+        N(x.N),
+        C(x.C),
+        J(along_c ? x.L : x.C),
+        len(along_c ? x.C : x.L),
+        segs((len + kSegment - 1) / kSegment),
+        M(x.N * x.L),
+        c0(0),
+        nc(x.C),
+        j0(0) {}
+
+  // The same walk over channels [begin, end) (along L only: along C every line holds every channel).
+  Walk channels(int64_t begin, int64_t end) const {
+    TORCH_INTERNAL_ASSERT(!along_c && 0 <= begin && begin < end && end <= C);
+    Walk part = *this;
+    part.c0 = part.j0 = begin;
+    part.nc = part.J = end - begin;
+    return part;
+  }
+
+  int64_t items() const { return N * J * segs; }
+  // Segments per parallel chunk: about GRAIN_SIZE elements, so small tensors stay on one thread.
+  int64_t grain() const { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::min(len, kSegment)); }
+
+  int64_t line_stride_of(const Strided3d& v) const { return along_c ? v.sC : v.sL; }
+
+  // Calls f(n, j, k_begin, k_end) for the segments [begin, end) in order.
+  template <typename F>
+  void for_segments(int64_t begin, int64_t end, const F& f) const {
+    int64_t seg = begin % segs, j = begin / segs % J, n = begin / segs / J;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k0 = seg * kSegment;
+      f(n, j0 + j, k0, std::min(k0 + kSegment, len));
+      if (++seg == segs) {
+        seg = 0;
+        if (++j == J) j = 0, ++n;
+      }
+    }
+  }
+
+  // `t` as lines; an undefined `t` (an absent optional) gives lines never read.
+  template <typename T, typename S>
+  Lines<T, S> lines(const at::Tensor& t) const {
+    if (!t.defined()) return {nullptr, 0, 0, S{}};
+    const Strided3d v = view3d(t, "tensor");
+    T* data = t.data_ptr<std::remove_const_t<T>>();
+    return along_c ? Lines<T, S>{data, v.sN, v.sL, line_stride<S>(v.sC)}
+                   : Lines<T, S>{data, v.sN, v.sC, line_stride<S>(v.sL)};
+  }
+
+  // A (C,) array as lines: indexed by position along C, constant along L.
+  template <typename S, typename T>
+  Lines<T, S> per_channel(T* data) const {
+    return along_c ? Lines<T, S>{data, 0, 0, line_stride<S>(1)} : Lines<T, S>{data, 0, 1, line_stride<S>(0)};
+  }
+};
+
+// Calls f(TensorStride{}, ChannelStride{}): the line-stride types of the tensors
+// (Unit when every defined one of `tensors` has unit stride along the lines,
+// else a runtime stride) and of per-channel arrays (Unit along C, Bcast along L).
+template <typename F>
+void dispatch_strides(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
+  const bool unit = std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor* t) {
+    return !t->defined() || w.line_stride_of(view3d(*t, "tensor")) == 1;
+  });
+  const auto with_channel_stride = [&](auto tensor_stride) {
+    w.along_c ? f(tensor_stride, Unit{}) : f(tensor_stride, Bcast{});
+  };
+  unit ? with_channel_stride(Unit{}) : with_channel_stride(int64_t{});
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag made a
+// compile-time one, so that line loops carry no per-element branch.
+template <typename F>
+void dispatch_bool(bool b, const F& f) {
+  b ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// ---- the two kinds of passes --------------------------------------------------
+
+// The build targets baseline x86-64 (SSE2). The functions holding the line
+// loops also get an AVX2 clone, picked at load time by GCC's function
+// multiversioning: channels_last lines load three per-channel arrays per
+// element and are compute-bound at SSE width. No AVX-512 clone: there GCC
+// turns the ReLU select into zero-masking loads, which made the backward 1.5-2x
+// slower than AVX2 on the project's AMD EPYC machines, and these memory-bound
+// loops gain nothing from the wider vectors. The arithmetic is the same in
+// every clone (no FMA contraction under -std=c++17, fixed summation order), so
+// results do not depend on the machine. Clang does not multiversion templates.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define CNNKERN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CNNKERN_VECTOR_CLONES
+#endif
+
+// Runs line_fn(n, j)(k) for every element of segments [begin, end).
+template <typename LineFn>
+CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn) {
+  w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
+    const auto elem = line_fn(n, j);
+#pragma omp simd
+    for (int64_t k = k0; k < k1; ++k) elem(k);
+  });
+}
+
+// Runs line_fn(n, j)(k) for every element (n, j, k), in parallel over segments.
+template <typename LineFn>
+void for_each_element(const Walk& w, const LineFn& line_fn) {
+  at::parallel_for(0, w.items(), w.grain(),
+                   [&](int64_t begin, int64_t end) { apply_segments(w, begin, end, line_fn); });
+}
+
+// Along L, the partial sums of a segment: kLanes per quantity, in independent
+// vector registers, so that the adds pipeline instead of each waiting on the last.
+constexpr int64_t kLanes = 16;
+
+// Adds the sums of the pairs of segments [begin, end) of L lines to sums[j - c0]
+// and sums[nc + j - c0]. The elements of a line are all channel j's.
+template <typename acc_t, typename LineFn>
+CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
+                                                double* sums) {
+  w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
+    const auto elem = line_fn(n, j);
+    std::array<acc_t, kLanes> a{}, b{};
+    int64_t k = k0;
+    for (; k + kLanes <= k1; k += kLanes) {
+#pragma omp simd
+      for (int64_t v = 0; v < kLanes; ++v) {
+        const std::pair<acc_t, acc_t> ab = elem(k + v);  // (a structured binding defeats GCC's if-conversion)
+        a[v] += ab.first;
+        b[v] += ab.second;
+      }
+    }
+    for (int64_t v = 0; k + v < k1; ++v) {
+      const std::pair<acc_t, acc_t> ab = elem(k + v);
+      a[v] += ab.first;
+      b[v] += ab.second;
+    }
+    sums[j - w.c0] += std::accumulate(a.begin(), a.end(), 0.0);
+    sums[w.nc + j - w.c0] += std::accumulate(b.begin(), b.end(), 0.0);
+  });
+}
+
+// Along C, per-channel partial sums hold at most this many lines before being
+// folded into double.
+constexpr int64_t kFoldLines = 256;
+
+// Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
+// and sums[C + c]. Element k of a line is channel k's (and the walk covers all C).
+template <typename acc_t, typename LineFn>
+CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
+                                                double* sums) {
+  std::vector<acc_t> part(2 * w.C, 0);
+  acc_t* a = part.data();
+  acc_t* b = a + w.C;
+  const auto fold = [&] {
+    for (int64_t c = 0; c < 2 * w.C; ++c) sums[c] += std::exchange(part[c], 0);
+  };
+  int64_t lines = 0;
+  w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
+    const auto elem = line_fn(n, j);
+#pragma omp simd
+    for (int64_t k = k0; k < k1; ++k) {
+      const std::pair<acc_t, acc_t> ab = elem(k);
+      a[k] += ab.first;
+      b[k] += ab.second;
+    }
+    if (++lines % kFoldLines == 0) fold();
+  });
+  fold();
+}
+
+// Per-channel sums of the pair (a, b) that line_fn(n, j)(k) yields per element,
+// for the walk's channels c0 + i, i < nc: {sum a for each, then sum b for each}.
+// Partial sums are acc_t (vector-wide, fast) over at most a segment or
+// kFoldLines lines, folded into per-thread double sums (accurate whatever N * L),
+// which are combined at the end.
+// ChannelStride tells where the channel is: j on an L line, k on a C line.
+template <typename acc_t, typename ChannelStride, typename LineFn>
+std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
+  const int64_t size = 2 * w.nc;
+  const int nthreads = at::get_num_threads();
+  std::vector<double> thread_sums(nthreads * size, 0.0);
+  at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid < nthreads);
+    double* sums = thread_sums.data() + tid * size;
+    if constexpr (std::is_same_v<ChannelStride, Bcast>) {
+      sum_segments_along_l<acc_t>(w, begin, end, line_fn, sums);
+    } else {
+      sum_segments_along_c<acc_t>(w, begin, end, line_fn, sums);
+    }
+  });
+  std::vector<double> total(size, 0.0);
+  for (int t = 0; t < nthreads; ++t) {
+    for (int64_t i = 0; i < size; ++i) total[i] += thread_sums[t * size + i];
+  }
+  return total;
+}
+
+// ---- channel blocks -------------------------------------------------------------
+
+// Along L every line holds one channel, so a thread can take a block of channels
+// through both passes of an op while the block's data is still in its L2: the
+// second pass then reads cache, not memory (ATen's own schedule for NCHW). Used
+// when every thread gets whole channels and one channel's first-pass data fits
+// half an L2; otherwise each pass runs over the whole tensor cut into segments,
+// which keeps every thread busy however few channels or long lines there are.
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;  // 1 MiB where the OS does not say
+  }();
+  return bytes;
+}
+
+// Calls f(part) for blocks of channels in parallel (each block's two passes on one
+// thread), or f(w) once; bytes_per_channel: what one channel's first pass touches.
+template <typename F>
+void by_channel_blocks(const Walk& w, int64_t bytes_per_channel, const F& f) {
+  const int64_t budget = l2_bytes() / 2, threads = at::get_num_threads();
+  if (w.along_c || w.C < 2 * threads || bytes_per_channel > budget) return f(w);
+  const int64_t block = std::clamp<int64_t>(budget / bytes_per_channel, 1, w.C / (2 * threads));
+  at::parallel_for(0, w.C, block, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; c += block) f(w.channels(c, std::min(c + block, end)));
+  });
+}
+
+// ---- per-channel parameters ---------------------------------------------------
+
+// Parameters and running stats are input's dtype, or float32 for reduced-precision
+// input (AMP); calls f(param_t{}).
+template <typename scalar_t, typename F>
+void dispatch_param_type(at::ScalarType param_dtype, const F& f) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (param_dtype == at::kFloat) return f(float{});
+  }
+  f(scalar_t{});
+}
+
+// An optional (C,) parameter in acc_t, or `fill` where it is absent.
+template <typename acc_t, typename param_t>
+std::vector<acc_t> param_or(const at::Tensor& t, int64_t C, acc_t fill) {
+  std::vector<acc_t> out(C, fill);
+  if (t.defined()) std::copy_n(t.data_ptr<param_t>(), C, out.begin());
+  return out;
+}
+
+// y = act((x - mean) * scale + shift + residual), per channel. This form, not
+// x * a + b, keeps the precision when |mean| >> std.
+template <typename acc_t>
+struct Affine {
+  std::vector<acc_t> mean, scale, shift;
+};
+
+// The tensor of an optional argument, or an undefined one for None.
+inline at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); }
+
+}  // namespace cnnkern::cpu
