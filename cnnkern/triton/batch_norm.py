@@ -25,7 +25,8 @@ All arithmetic happens in ACC_DTYPE: float64 for float64 input, else float32.
 """
 import functools
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+import types
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -419,7 +420,7 @@ class _Plan(NamedTuple):
 
     L: int  # positions per sample as the kernels see them (N * L when merged)
     C: int
-    strides: Dict[str, Tuple[int, int, int]]  # per tensor name: element strides (n, c, l); zeros when absent
+    strides: Mapping[str, Tuple[int, int, int]]  # per tensor name: element strides (n, c, l); zeros when absent
     block_l: int
     block_c: int
     num_tiles: int  # tiles per channel block
@@ -445,9 +446,19 @@ class _Plan(NamedTuple):
 def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
     """Tile shape, split count and per-tensor strides for a call over `tensors` (all of
     input's shape, "input" among them; None for absent ones). `merges_partials`: each
-    program of the second pass reads all partials of its channels, which caps the splits."""
-    views = {name: view3d(t, name) for name, t in tensors.items() if t is not None}
-    tile = _TILE_BYTES // stat_dtype(tensors["input"].dtype).itemsize  # elements per tile
+    program of the second pass reads all partials of its channels, which caps the splits.
+    Plans are cached by geometry: planning costs more host time than some of the kernels take."""
+    input = tensors["input"]
+    views = tuple((name, None if t is None else view3d(t, name)) for name, t in tensors.items())
+    return _plan_views(views, stat_dtype(input.dtype).itemsize, _sm_count(input.device), merges_partials)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_views(named_views: Tuple[Tuple[str, Optional[Strided3d]], ...], acc_itemsize: int, sms: int,
+                merges_partials: bool) -> _Plan:
+    """_plan over the tensors' (N, C, L) views, on a device of `sms` multiprocessors."""
+    views = {name: v for name, v in named_views if v is not None}
+    tile = _TILE_BYTES // acc_itemsize  # elements per tile
     N, C, L = views["input"].N, views["input"].C, views["input"].L
     M = N * L  # values per channel
     merged = {name: _merged_stride_l(v) for name, v in views.items()}
@@ -457,7 +468,7 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
     else:
         num_samples = N
         strides = {name: (v.sN, v.sC, v.sL) for name, v in views.items()}
-    strides.update({name: (0, 0, 0) for name, t in tensors.items() if t is None})
+    strides.update({name: (0, 0, 0) for name, v in named_views if v is None})
 
     # Lanes run along the input's stride-1 axis: channels for channels_last, else
     # positions; the other axis fills the tile.
@@ -480,7 +491,7 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
 
     # More channel blocks cost nothing, more splits cost merging: narrow the channel
     # block until the grid can fill the GPU (e.g. C = 64 at 112x112, C = 2048 at 7x7).
-    target = _PROGRAMS_PER_SM * _sm_count(tensors["input"].device)
+    target = _PROGRAMS_PER_SM * sms
     while triton.cdiv(C, block_c) * max_splits() < target and block_c > (8 if channels_major else 1):
         block_c //= 2
         if channels_major:
@@ -489,7 +500,7 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
     num_splits = min(triton.cdiv(target, triton.cdiv(C, block_c)), max_splits())
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
-    return _Plan(L, C, strides, block_l, block_c, num_tiles, tiles_per_split, num_splits)
+    return _Plan(L, C, types.MappingProxyType(strides), block_l, block_c, num_tiles, tiles_per_split, num_splits)
 
 
 def _tl_acc_dtype(input: Tensor) -> tl.dtype:
