@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import _extension
+from .layout import kernel_layout
 
 NAMES = ("triton", "cuda", "cpu", "reference")
 
@@ -82,11 +83,18 @@ _REFUSES: Dict[str, Callable[[torch.device, torch.dtype, str], Optional[str]]] =
     "reference": lambda device, dtype, op: None,
 }
 
-# Automatic choice per device type, fastest first. Neither the triton
-# interpreter nor the reference is ever chosen automatically: both are slow.
-# The CUDA order is provisional until a GPU benchmark under bench/results/
-# ranks the two backends (see README, "GPU workflow").
-_PREFERENCE: Dict[str, Tuple[str, ...]] = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+# Automatic choice per (device type, kernel layout), fastest first. Neither the
+# triton interpreter nor the reference is ever chosen automatically: both are slow.
+# CUDA, from bench/results/nvidia-h200-quick-2026-12-04T17-32-48.json (H200,
+# 128x256x56x56, fwd_relu and bwd_add_relu in bf16 and fp32): on NCHW the cuda
+# kernels take 0.53-0.90x triton's time; along channels triton's take 0.59-1.0x
+# the cuda ones' (their 128-byte rows write faster than the cuda kernels' 32-byte ones).
+_PREFERENCE: Dict[Tuple[str, str], Tuple[str, ...]] = {
+    ("cuda", "nchw"): ("cuda", "triton"),
+    ("cuda", "channels_last"): ("triton", "cuda"),
+    ("cpu", "nchw"): ("cpu",),
+    ("cpu", "channels_last"): ("cpu",),
+}
 
 
 class BackendError(RuntimeError):
@@ -101,14 +109,15 @@ def refuses(name: str, device: torch.device, dtype: torch.dtype, op: str) -> Opt
 
 
 @torch.compiler.assume_constant_result  # torch.compile: decided once, at trace time
-def select(requested: Optional[str], device: torch.device, dtype: torch.dtype, op: str) -> str:
-    """The backend that runs `op` on (device, dtype)."""
+def select(requested: Optional[str], device: torch.device, dtype: torch.dtype, op: str, layout: str = "nchw") -> str:
+    """The backend that runs `op` on (device, dtype), for an input the kernels walk as
+    `layout` (layout.kernel_layout: "nchw" or "channels_last")."""
     requested = requested or os.environ.get("CNNKERN_BACKEND") or None
-    return _select(requested, device.type, dtype, op)
+    return _select(requested, device.type, dtype, op, layout)
 
 
 @functools.lru_cache(maxsize=None)
-def _select(requested: Optional[str], device_type: str, dtype: torch.dtype, op: str) -> str:
+def _select(requested: Optional[str], device_type: str, dtype: torch.dtype, op: str, layout: str) -> str:
     # Cached: what can run depends only on the key and on this process's imports.
     device = torch.device(device_type)
     if requested is not None:
@@ -116,7 +125,7 @@ def _select(requested: Optional[str], device_type: str, dtype: torch.dtype, op: 
         if reason:
             raise BackendError(f"backend {requested!r} cannot run {op} on {device_type}/{dtype}: {reason}")
         return requested
-    for name in _PREFERENCE.get(device_type, ()):
+    for name in _PREFERENCE.get((device_type, layout), ()):
         if refuses(name, device, dtype, op) is None:
             return name
     reasons = "; ".join(f"{n}: {refuses(n, device, dtype, op) or 'not chosen automatically (slow)'}" for n in NAMES)
@@ -161,7 +170,7 @@ def explain(input: torch.Tensor, op: str = "bn_forward_train") -> str:
         reason = refuses(name, input.device, input.dtype, op)
         lines.append(f"{name:<10} {'can run' if reason is None else 'cannot: ' + reason}")
     try:
-        lines.append(f"automatic: {select(None, input.device, input.dtype, op)}")
+        lines.append(f"automatic: {select(None, input.device, input.dtype, op, kernel_layout(input))}")
     except BackendError as e:
         lines.append(f"automatic: none ({e})")
     return "\n".join(lines)

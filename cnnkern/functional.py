@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import reference
 from .backends import select
-from .layout import try_view3d
+from .layout import kernel_layout, try_view3d
 from .ops.batch_norm import BatchNormFunction
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -79,7 +79,7 @@ def batch_norm(
     (automatic), "triton", "cuda", "cpu" or "reference" (also $CNNKERN_BACKEND).
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, residual, activation)
-    name = select(backend, input.device, input.dtype, "bn_forward_train")
+    name = select(backend, input.device, input.dtype, "bn_forward_train", kernel_layout(input))
     if name == "reference":
         return reference.batch_norm_ref(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         residual, activation)

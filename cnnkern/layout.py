@@ -37,3 +37,11 @@ def view3d(t: Tensor, name: str = "tensor") -> Strided3d:
             f"strides {t.stride()}); pass a contiguous or channels_last tensor"
         )
     return v
+
+
+def kernel_layout(t: Tensor) -> str:
+    """How the kernels walk `t`: "channels_last" (lanes along C) when channels are adjacent
+    in memory and each has more than one position, else "nchw" (lanes along positions).
+    A tensor no kernel can address is copied to contiguous first, so it walks as "nchw"."""
+    v = try_view3d(t)
+    return "channels_last" if v is not None and v.C > 1 and v.L > 1 and v.sC == 1 else "nchw"

@@ -1,14 +1,17 @@
 """The backends this machine must run do run (so no test skips by accident), and
 automatic selection never lands on a slow one."""
+import importlib
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import cnnkern
 from cnnkern.backends import NAMES, refuses, select
+from cnnkern.layout import kernel_layout
 
 
 def test_cpu_backend_is_built():
@@ -84,3 +87,29 @@ def test_imports_without_the_extension():
     assert "cpu        no   cnnkern._C did not import" in out
     assert "reference  yes" in out
     assert out.strip().endswith("True")
+
+
+def test_automatic_choice_follows_the_layout(monkeypatch):
+    """On CUDA, NCHW inputs go to the cuda kernels first, channels_last ones to triton's
+    (bench/results: the H200 run). Both are made to accept the call here, so the order shows."""
+    b = importlib.import_module("cnnkern.backends")  # the module: cnnkern.backends is also a function
+    monkeypatch.setattr(b, "_REFUSES", {**b._REFUSES, "cuda": lambda *_: None, "triton": lambda *_: None})
+    b._select.cache_clear()
+    try:
+        x = torch.randn(2, 8, 5, 5)
+        cuda = torch.device("cuda")
+        assert select(None, cuda, torch.bfloat16, "bn_forward_train", kernel_layout(x)) == "cuda"
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        assert select(None, cuda, torch.bfloat16, "bn_forward_train", kernel_layout(x_cl)) == "triton"
+    finally:
+        b._select.cache_clear()
+
+
+@pytest.mark.parametrize("shape,memory_format,expected", [
+    ((2, 8, 5, 5), torch.contiguous_format, "nchw"),
+    ((2, 8, 5, 5), torch.channels_last, "channels_last"),
+    ((2, 1, 5, 5), torch.channels_last, "nchw"),  # one channel: lanes along positions
+    ((2, 8, 1, 1), torch.channels_last, "nchw"),  # one position per channel
+])
+def test_kernel_layout(shape, memory_format, expected):
+    assert kernel_layout(torch.randn(shape).contiguous(memory_format=memory_format)) == expected
