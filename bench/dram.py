@@ -5,7 +5,9 @@ the model says must move (bench/NOTES.md): whether a second pass reads from L2.
 
 runs itself under `ncu` (one process; each measured call is a cudaProfilerStart/Stop
 window, after a warm-up call that compiles and allocates) and prints a table per
-call: its kernels, DRAM MB read and written, time, and the total against the model.
+call: its kernels, DRAM MB read and written, time, and the total against the model; and,
+for a kernel slower than its bytes, L1 sectors per global load and store request and how
+busy the SMs, L2 and DRAM were.
 ncu runs with `--cache-control none`: its default flushes L2 before every kernel,
 which would hide exactly the reuse under test. Needs a GPU and ncu on the PATH.
 """
@@ -22,9 +24,18 @@ import torch
 
 from .batch_norm import MODES
 
-METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum",
-           # launch statistics, no counters: a fractional wave count is a tail of idle SMs
-           "launch__registers_per_thread", "launch__waves_per_multiprocessor")
+READ, WRITE, TIME = "dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum"
+REGS, WAVES = "launch__registers_per_thread", "launch__waves_per_multiprocessor"  # a fractional wave: idle SMs
+# Why a kernel is slower than its bytes: L1 sectors per global load / store request (4 for a
+# warp's coalesced 16-byte accesses; more: scattered lines), and how busy the SMs, L2 and DRAM were.
+LD_SECTORS = "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum"
+LD_REQUESTS = "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"
+ST_SECTORS = "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum"
+ST_REQUESTS = "l1tex__t_requests_pipe_lsu_mem_global_op_st.sum"
+BUSY = {"SM%": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+        "L2%": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+        "DRAM%": "dram__throughput.avg.pct_of_peak_sustained_elapsed"}
+METRICS = (READ, WRITE, TIME, REGS, WAVES, LD_SECTORS, LD_REQUESTS, ST_SECTORS, ST_REQUESTS, *BUSY.values())
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -83,11 +94,16 @@ def run(shape, dtype):
         print(f"CALL\t{label}\t{model_bytes}", flush=True)
 
 
+def _ratio(a, b):
+    return a / b if b else float("nan")
+
+
 def _table(calls, rows):
     """Kernel rows (launch order) shared out among the calls: each call's kernels come
     after the previous call's. Returns the printed table."""
+    busy = "".join(f" {name:>6}" for name in BUSY)
     lines = [f"{'call / kernel':<58} {'read MB':>9} {'write MB':>9} {'time us':>9} {'/ model':>8} "
-             f"{'regs':>5} {'waves':>6}"]
+             f"{'regs':>5} {'waves':>6} {'ld s/r':>6} {'st s/r':>6}{busy}"]
     it = iter(rows)
     pending = next(it, None)
     for label, model_bytes, kernels in calls:
@@ -96,10 +112,12 @@ def _table(calls, rows):
         for _ in range(kernels):
             if pending is None:
                 break
-            name, r, w, t, regs, waves = pending
-            total_r, total_w, total_t = total_r + r, total_w + w, total_t + t
-            lines.append(f"  {name[:56]:<56} {r / 1e6:>9.1f} {w / 1e6:>9.1f} {t / 1e3:>9.1f} {'':>8} "
-                         f"{regs:>5.0f} {waves:>6.2f}")
+            name, m = pending
+            total_r, total_w, total_t = total_r + m[READ], total_w + m[WRITE], total_t + m[TIME]
+            busy = "".join(f" {m[metric]:>6.0f}" for metric in BUSY.values())
+            lines.append(f"  {name[:56]:<56} {m[READ] / 1e6:>9.1f} {m[WRITE] / 1e6:>9.1f} {m[TIME] / 1e3:>9.1f} "
+                         f"{'':>8} {m[REGS]:>5.0f} {m[WAVES]:>6.2f} {_ratio(m[LD_SECTORS], m[LD_REQUESTS]):>6.1f} "
+                         f"{_ratio(m[ST_SECTORS], m[ST_REQUESTS]):>6.1f}{busy}")
             pending = next(it, None)
         moved = total_r + total_w
         lines.append(f"  {'total':<56} {total_r / 1e6:>9.1f} {total_w / 1e6:>9.1f} {total_t / 1e3:>9.1f} "
@@ -108,8 +126,8 @@ def _table(calls, rows):
 
 
 def _kernel_rows(csv_text):
-    """(kernel name, DRAM bytes read, written, duration ns, registers per thread, waves per SM)
-    per profiled kernel, in launch order."""
+    """(kernel name, {metric: value in bytes, ns or plain units}) per profiled kernel, in launch
+    order; a metric ncu did not report is NaN."""
     start = csv_text.find('"ID"')
     by_id = {}
     for rec in csv.DictReader(io.StringIO(csv_text[start:])):
@@ -119,7 +137,7 @@ def _kernel_rows(csv_text):
         scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1, "usecond": 1e3,
                  "msecond": 1e6}.get(unit, 1)
         kernel[rec["Metric Name"]] = value * scale
-    return [(k["name"], *(k.get(m, float("nan")) for m in METRICS))
+    return [(k["name"], {m: k.get(m, float("nan")) for m in METRICS})
             for _, k in sorted(by_id.items(), key=lambda kv: int(kv[0]))]
 
 

@@ -7,7 +7,7 @@
 # 90 s: if they fail or hang, everything after runs without them (CNNKERN_CUDA_ONE_PASS=0)
 # rather than hanging the benchmark too. The tests get TEST_BUDGET seconds (default 150;
 # cut with SIGINT, so pytest still prints what passed), the DRAM-traffic check
-# (bench/dram.py, under ncu) DRAM_BUDGET (default 45), the benchmark what is left; it
+# (bench/dram.py, under ncu) DRAM_BUDGET (default 60), the benchmark what is left; it
 # saves its JSON after every case, so a stage cut short still leaves what it measured. The extension is
 # built for this GPU's architecture only, unless TORCH_CUDA_ARCH_LIST says otherwise.
 # Arguments after OUT replace the benchmark's default `--quick` (e.g. `--mode fwd_relu`
@@ -60,7 +60,7 @@ if [ "$test_budget" -gt 0 ]; then
   tail -3 "$out/tests_cuda.log"
 fi
 
-dram_budget=${DRAM_BUDGET:-45}
+dram_budget=${DRAM_BUDGET:-60}
 stage "benchmark"
 left=$(( ${BUDGET:-520} - (SECONDS - start) - dram_budget - 10 ))
 timeout "$left" python3 -m bench --out "$out" --no-plot "${bench_args[@]}" > "$out/bench.log" 2>&1

@@ -17,18 +17,25 @@ NCU_CSV = '''==PROF== Connected to process 123
 "1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","130,000"
 "1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Launch Statistics","launch__registers_per_thread","register/thread","72"
 "1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Launch Statistics","launch__waves_per_multiprocessor","","1.14"
+"1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum","sector","1,600,000"
+"1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","l1tex__t_requests_pipe_lsu_mem_global_op_st.sum","request","100,000"
+"1","123","python3","h","_bn_fwd_kernel","1","7","(128, 1, 1)","(8, 132, 1)","0","9.0","Command line profiler metrics","lts__throughput.avg.pct_of_peak_sustained_elapsed","%","61.5"
 '''
 
 
 def test_ncu_csv_rows_and_table():
     rows = dram._kernel_rows(NCU_CSV)
     assert [r[0] for r in rows] == ["_bn_stats_kernel", "_bn_fwd_kernel"]
-    assert rows[0][1:4] == pytest.approx((205.52e6, 12.5e3, 70.1e3))
-    assert rows[1][1:4] == pytest.approx((180e6, 205.52e6, 130e3))
-    assert rows[1][4:] == pytest.approx((72, 1.14))
+    stats, fwd = rows[0][1], rows[1][1]
+    assert (stats[dram.READ], stats[dram.WRITE], stats[dram.TIME]) == pytest.approx((205.52e6, 12.5e3, 70.1e3))
+    assert (fwd[dram.READ], fwd[dram.WRITE], fwd[dram.TIME]) == pytest.approx((180e6, 205.52e6, 130e3))
+    assert (fwd[dram.REGS], fwd[dram.WAVES]) == pytest.approx((72, 1.14))
+    assert (fwd[dram.ST_SECTORS], fwd[dram.ST_REQUESTS], fwd[dram.BUSY["L2%"]]) == pytest.approx((1.6e6, 100e3, 61.5))
     table = dram._table([("triton nchw fwd_relu", 411_041_792, 2)], rows)
     moved = (205.52e6 + 12.5e3 + 180e6 + 205.52e6) / 411_041_792
     assert f"{moved:.2f}x" in table.splitlines()[-1].split()
+    fwd_line = table.splitlines()[-2].split()
+    assert fwd_line[0] == "_bn_fwd_kernel" and fwd_line[7] == "16.0" and fwd_line[9] == "62"  # st s/r, L2%
 
 
 def test_bench_lists_are_checked():
