@@ -8,8 +8,8 @@ from torch import Tensor
 
 from . import reference
 from .backends import select
-from .layout import kernel_layout, try_view3d
-from .ops.batch_norm import BatchNormFunction
+from .layout import try_view3d, view_layout
+from .ops.batch_norm import BatchNormFunction, forward_ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACTIVATIONS = (None, "relu")
@@ -79,15 +79,19 @@ def batch_norm(
     (automatic), "triton", "cuda", "cpu" or "reference" (also $CNNKERN_BACKEND).
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, residual, activation)
-    name = select(backend, input.device, input.dtype, "bn_forward_train", kernel_layout(input))
+    view = try_view3d(input)
+    name = select(backend, input.device, input.dtype, "bn_forward_train", view_layout(view))
     if name == "reference":
         return reference.batch_norm_ref(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         residual, activation)
     # Kernels address every tensor as (N, C, L) with one stride per dim; the rare
     # layout that cannot be (a spatial dim sliced with a step) is copied here, visibly.
-    if try_view3d(input) is None:
+    if view is None:
         input = input.contiguous()
     if residual is not None and try_view3d(residual) is None:
         residual = residual.contiguous()
-    return BatchNormFunction.apply(name, input, weight, bias, residual, running_mean, running_var, training,
-                                   float(momentum), float(eps), activation == "relu")
+    args = (name, input, weight, bias, residual, running_mean, running_var, training, float(momentum), float(eps),
+            activation == "relu")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, residual)):
+        return BatchNormFunction.apply(*args)
+    return forward_ops(*args)[0]

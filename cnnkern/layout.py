@@ -39,9 +39,13 @@ def view3d(t: Tensor, name: str = "tensor") -> Strided3d:
     return v
 
 
-def kernel_layout(t: Tensor) -> str:
-    """How the kernels walk `t`: "channels_last" (lanes along C) when channels are adjacent
-    in memory and each has more than one position, else "nchw" (lanes along positions).
-    A tensor no kernel can address is copied to contiguous first, so it walks as "nchw"."""
-    v = try_view3d(t)
+def view_layout(v: Optional[Strided3d]) -> str:
+    """How the kernels walk a tensor of view `v`: "channels_last" (lanes along C) when channels
+    are adjacent in memory and each has more than one position, else "nchw" (lanes along
+    positions). A tensor with no view (None) is copied to contiguous first: "nchw"."""
     return "channels_last" if v is not None and v.C > 1 and v.L > 1 and v.sC == 1 else "nchw"
+
+
+def kernel_layout(t: Tensor) -> str:
+    """view_layout of `t`."""
+    return view_layout(try_view3d(t))

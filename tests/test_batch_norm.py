@@ -1,5 +1,6 @@
 """The batch-norm family against PyTorch and the float64 oracle, on every backend
 that runs here: outputs, all gradients, running stats."""
+import functools
 import itertools
 
 import pytest
@@ -109,6 +110,31 @@ def test_empty_batch(backend, device, training):
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w))
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_calls_without_gradients(backend, device, training, layout):
+    """Calls no gradient flows through (torch.no_grad, or no input requiring one) skip the
+    autograd Function: same output and running stats, bit for bit, as a call that records it."""
+    require(backend, device, torch.float32)
+    x = make_input((3, 5, 6, 7), torch.float32, device, layout, mean=2.0)
+    r = torch.randn(x.shape, device=device)
+    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+    stats = [(rm.clone(), rv.clone()) for _ in range(3)]  # one per call, from the same start
+    call = functools.partial(cnnkern.functional.batch_norm, training=training, residual=r, activation="relu",
+                             backend=backend)
+    recorded = call(x.detach().requires_grad_(), *stats[0], w, b)
+    assert recorded.grad_fn is not None
+    plain = call(x, *stats[1], w, b)
+    with torch.no_grad():
+        no_grad = call(x.detach().requires_grad_(), *stats[2], w, b)
+    assert plain.grad_fn is None and no_grad.grad_fn is None
+    for y, (running_mean, running_var) in ((plain, stats[1]), (no_grad, stats[2])):
+        assert torch.equal(y, recorded.detach())
+        assert torch.equal(running_mean, stats[0][0]) and torch.equal(running_var, stats[0][1])
 
 
 # Which of (input, weight, bias, residual) want a gradient: each backward kernel

@@ -61,6 +61,19 @@ def _register() -> None:
 _register()
 
 
+def forward_ops(backend: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                residual: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                training: bool, momentum: float, eps: float, relu: bool):
+    """(output, mean, invstd) of backend's forward op; the statistics are None in eval. Calls
+    that no gradient flows through take it directly, outside BatchNormFunction: its
+    bookkeeping costs more host time than the kernels of small layers take."""
+    if training:
+        return _op(backend, "bn_forward_train")(input, weight, bias, residual, running_mean, running_var,
+                                                momentum, eps, relu)
+    output = _op(backend, "bn_forward_eval")(input, weight, bias, residual, running_mean, running_var, eps, relu)
+    return output, None, None
+
+
 class BatchNormFunction(torch.autograd.Function):
     """act(batch_norm(input) + residual) on one backend's ops."""
 
@@ -68,17 +81,13 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, backend: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 residual: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 training: bool, momentum: float, eps: float, relu: bool) -> Tensor:
-        if training:
-            output, mean, invstd = _op(backend, "bn_forward_train")(
-                input, weight, bias, residual, running_mean, running_var, momentum, eps, relu)
-        else:
-            output = _op(backend, "bn_forward_eval")(input, weight, bias, residual, running_mean, running_var, eps, relu)
-            mean = invstd = None
-            if any(ctx.needs_input_grad):
-                # Eval-mode backward normalizes with the running stats as they are now.
-                acc = stat_dtype(input.dtype)
-                mean = running_mean.to(acc, copy=True)
-                invstd = torch.rsqrt(running_var.to(acc) + eps)
+        output, mean, invstd = forward_ops(backend, input, weight, bias, residual, running_mean, running_var,
+                                           training, momentum, eps, relu)
+        if not training and any(ctx.needs_input_grad):
+            # Eval-mode backward normalizes with the running stats as they are now.
+            acc = stat_dtype(input.dtype)
+            mean = running_mean.to(acc, copy=True)
+            invstd = torch.rsqrt(running_var.to(acc) + eps)
         ctx.backend, ctx.training, ctx.relu = backend, training, relu
         ctx.bias_dtype = None if bias is None else bias.dtype
         # The output is needed only for the ReLU mask; saving it otherwise would
