@@ -1,6 +1,6 @@
 // CPU kernel of the batch-norm backward: grad_input, grad_weight, grad_bias and
 // grad_residual of y = act(batch_norm(x) + residual). The contract is in
-// csrc/ops.cpp; the line walks in bn_lines.h.
+// csrc/ops.cpp; the line walks in bn_lines.h; the reduction pass in bn_backward_sums.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -14,6 +14,7 @@
 
 #include "bn_checks.h"
 #include "bn_signatures.h"
+#include "cpu/bn_backward.h"
 #include "cpu/bn_lines.h"
 
 namespace cnnkern {
@@ -22,51 +23,6 @@ namespace {
 using namespace cpu;  // NOLINT: the line walks and passes of bn_lines.h
 
 // ---- backward -----------------------------------------------------------------
-
-// The gradient reaching the batch norm: grad_output, zeroed where the ReLU was off.
-template <bool kRelu, typename acc_t, typename G, typename Y>
-acc_t relu_grad(const G& g, const Y& y, int64_t k) {
-  const acc_t gk = static_cast<acc_t>(g[k]);  // loaded unconditionally: a select, not a branch
-  if constexpr (kRelu) {
-    return static_cast<acc_t>(y[k]) > acc_t(0) ? gk : acc_t(0);
-  } else {
-    return gk;
-  }
-}
-
-// Per channel of the walk: {sum gz for each, then sum gz * (x - mean) for each}, in double.
-// A defined grad_residual receives gz on the way (it is gz when relu): the
-// elementwise pass then reads it instead of grad_output and output.
-template <typename scalar_t>
-std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
-                              const at::Tensor& output, const at::opmath_type<scalar_t>* mean, bool relu,
-                              const at::Tensor& grad_residual) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<double> sums;
-  dispatch_bool(relu, [&](auto do_relu) {
-    dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
-      dispatch_strides(w, {&grad_output, &input, &output, &grad_residual}, [&](auto ts, auto cs) {
-        using TS = decltype(ts);
-        using CS = decltype(cs);
-        constexpr bool kRelu = decltype(do_relu)::value, kResidual = decltype(want_residual)::value;
-        const auto G = w.lines<const scalar_t, TS>(grad_output);
-        const auto X = w.lines<const scalar_t, TS>(input);
-        const auto Y = w.lines<const scalar_t, TS>(output);
-        const auto DR = w.lines<scalar_t, TS>(grad_residual);
-        const auto Mean = w.per_channel<CS>(mean);
-        sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
-          return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dr = DR.line(n, j),
-                  mean = Mean.line(n, j)](int64_t k) {
-            const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
-            if constexpr (kResidual) dr[k] = static_cast<scalar_t>(gz);
-            return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
-          };
-        });
-      });
-    });
-  });
-  return sums;
-}
 
 // Per-channel coefficients of grad_input = (gz - mean_gz - (x - mean) * proj) * scale;
 // mean_gz and proj are 0 in eval mode, where the statistics are constants.

@@ -28,7 +28,7 @@
 
 #include <unistd.h>
 
-#include "strided3d.h"
+#include "bn_checks.h"
 
 namespace cnnkern::cpu {
 

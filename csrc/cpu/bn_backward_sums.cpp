@@ -1,0 +1,55 @@
+// The reduction pass of the CPU batch-norm backward (declared in bn_backward.h), for
+// every input dtype the op dispatches to.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <utility>
+#include <vector>
+
+#include "cpu/bn_backward.h"
+#include "cpu/bn_lines.h"
+
+namespace cnnkern::cpu {
+
+template <typename scalar_t>
+std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
+                              const at::Tensor& output, const at::opmath_type<scalar_t>* mean, bool relu,
+                              const at::Tensor& grad_residual) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<double> sums;
+  dispatch_bool(relu, [&](auto do_relu) {
+    dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
+      dispatch_strides(w, {&grad_output, &input, &output, &grad_residual}, [&](auto ts, auto cs) {
+        using TS = decltype(ts);
+        using CS = decltype(cs);
+        constexpr bool kRelu = decltype(do_relu)::value, kResidual = decltype(want_residual)::value;
+        const auto G = w.lines<const scalar_t, TS>(grad_output);
+        const auto X = w.lines<const scalar_t, TS>(input);
+        const auto Y = w.lines<const scalar_t, TS>(output);
+        const auto DR = w.lines<scalar_t, TS>(grad_residual);
+        const auto Mean = w.per_channel<CS>(mean);
+        sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
+          return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dr = DR.line(n, j),
+                  mean = Mean.line(n, j)](int64_t k) {
+            const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
+            if constexpr (kResidual) dr[k] = static_cast<scalar_t>(gz);
+            return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
+          };
+        });
+      });
+    });
+  });
+  return sums;
+}
+
+#define CNNKERN_INSTANTIATE_GRAD_SUMS(scalar_t)                                                            \
+  template std::vector<double> grad_sums<scalar_t>(const Walk&, const at::Tensor&, const at::Tensor&,     \
+                                                   const at::Tensor&, const at::opmath_type<scalar_t>*, bool, \
+                                                   const at::Tensor&);
+CNNKERN_INSTANTIATE_GRAD_SUMS(double)
+CNNKERN_INSTANTIATE_GRAD_SUMS(float)
+CNNKERN_INSTANTIATE_GRAD_SUMS(at::Half)
+CNNKERN_INSTANTIATE_GRAD_SUMS(at::BFloat16)
+#undef CNNKERN_INSTANTIATE_GRAD_SUMS
+
+}  // namespace cnnkern::cpu
