@@ -8,8 +8,9 @@
 # rather than hanging the benchmark too. The tests get TEST_BUDGET seconds (default 150;
 # cut with SIGINT, so pytest still prints what passed), the DRAM-traffic check
 # (bench/dram.py, under ncu) DRAM_BUDGET (default 60), the benchmark what is left; it
-# saves its JSON after every case, so a stage cut short still leaves what it measured. The extension is
-# built for this GPU's architecture only, unless TORCH_CUDA_ARCH_LIST says otherwise.
+# saves its JSON after every case, so a stage cut short still leaves what it measured.
+# The extension is built for this GPU's architecture only, unless TORCH_CUDA_ARCH_LIST
+# says otherwise.
 # Arguments after OUT replace the benchmark's default `--quick` (e.g. `--mode fwd_relu`
 # for the full shapes of one mode); TEST_BUDGET=0 skips the tests.
 # The GPU machines have torch, triton, pytest and ninja but no network: nothing is installed.
