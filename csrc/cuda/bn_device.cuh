@@ -361,12 +361,26 @@ __device__ __forceinline__ Welford<acc_t<T>, K> step_stats(const Vec<T, VEC> (&x
   return s;
 }
 
+// Calls f(u, e, k) for value e of item u of a step, k being its channel among the thread's K
+// (VEC / K values of each channel per item). Unrolled: every index is a compile-time constant.
+template <int U, int VEC, int K, class F>
+__device__ __forceinline__ void for_each_value(F&& f) {
+  constexpr int kPerItem = VEC / K;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) f(u, e, e / kPerItem);
+  }
+}
+
 // Adds a step's items u < count to `acc`: gz, and gz * (x - mu), per channel.
 template <int K, int U, int VEC, typename T>
 __device__ __forceinline__ void add_grad_step(GradSums<acc_t<T>, K>& acc, const Vec<T, VEC> (&gz)[U],
                                               const Vec<T, VEC> (&x)[U], const acc_t<T> (&mu)[K], int count) {
   using A = acc_t<T>;
   constexpr int kPerItem = VEC / K;
+  // Its own loop, not for_each_value: the early break over u gives the reduction kernels other
+  // code (registers up or down by up to 20), which only a GPU can weigh.
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     if (u >= count) break;
@@ -460,17 +474,11 @@ template <int U, int VEC, int K, typename T>
 __device__ __forceinline__ void normalize_step(Vec<T, VEC> (&x)[U], const Vec<T, VEC> (&r)[U],
                                                const Coefficients<acc_t<T>, K>& co, bool relu) {
   using A = acc_t<T>;
-  constexpr int kPerItem = VEC / K;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const int k = e / kPerItem;
-      A y = (to_acc(x[u].v[e]) - co.mean[k]) * co.scale[k] + co.shift[k] + to_acc(r[u].v[e]);
-      if (relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN, as torch.relu
-      x[u].v[e] = from_acc<T>(y);
-    }
-  }
+  for_each_value<U, VEC, K>([&](int u, int e, int k) {
+    A y = (to_acc(x[u].v[e]) - co.mean[k]) * co.scale[k] + co.shift[k] + to_acc(r[u].v[e]);
+    if (relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN, as torch.relu
+    x[u].v[e] = from_acc<T>(y);
+  });
 }
 
 // Loads a step of gz = g, or with relu (`relu_output` non-null) g where the forward output is > 0
@@ -483,11 +491,9 @@ __device__ __forceinline__ void load_gz(const T* grad_output, const Strided3d& g
   if (!relu_output) return;
   Vec<T, VEC> out[U];
   load_step(relu_output, out_view, t, n, i, count, out);
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) gz[u].v[e] = to_acc(out[u].v[e]) > acc_t<T>(0) ? gz[u].v[e] : T{};
-  }
+  for_each_value<U, VEC, 1>([&](int u, int e, int) {
+    gz[u].v[e] = to_acc(out[u].v[e]) > acc_t<T>(0) ? gz[u].v[e] : T{};
+  });
 }
 
 template <typename T, typename P>
@@ -560,17 +566,11 @@ template <int U, int VEC, int K, typename T>
 __device__ __forceinline__ void grad_input_step(const Vec<T, VEC> (&gz)[U], Vec<T, VEC> (&x)[U],
                                                 const GradCoefficients<acc_t<T>, K>& co, bool training) {
   using A = acc_t<T>;
-  constexpr int kPerItem = VEC / K;
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const int k = e / kPerItem;
-      const A g = to_acc(gz[u].v[e]);
-      const A dx = training ? g - co.mean_gz[k] - (to_acc(x[u].v[e]) - co.mean[k]) * co.proj[k] : g;
-      x[u].v[e] = from_acc<T>(dx * co.scale[k]);
-    }
-  }
+  for_each_value<U, VEC, K>([&](int u, int e, int k) {
+    const A g = to_acc(gz[u].v[e]);
+    const A dx = training ? g - co.mean_gz[k] - (to_acc(x[u].v[e]) - co.mean[k]) * co.proj[k] : g;
+    x[u].v[e] = from_acc<T>(dx * co.scale[k]);
+  });
 }
 
 }  // namespace cnnkern::cuda::bn
