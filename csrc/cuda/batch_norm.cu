@@ -5,9 +5,10 @@
 // Geometry. Every tensor is an (N, C, L) strided view. A launch picks one orientation from the
 // input's strides and uses it for all of its tensors (each keeps its own strides):
 //   along L (NCHW, sL == 1): a block owns one channel; threadIdx.x runs along l, threadIdx.y along n.
-//   along C (channels_last, sC == 1): a block owns blockDim.x * VEC channels; threadIdx.x runs
-//     along c, threadIdx.y along l, and n is a loop (usually of one: (N, L) merge into L when the
-//     strides allow, as they do for channels_last).
+//   along C (channels_last, sC == 1): a block owns blockDim.x * VEC channels, a cache line of
+//     them where C allows (narrower in a one-pass launch whose tiles would not fit otherwise);
+//     threadIdx.x runs along c, threadIdx.y along l, and n is a loop (usually of one: (N, L)
+//     merge into L when the strides allow, as they do for channels_last).
 // Any other strides run the same kernels with VEC = 1: the strides are runtime values anyway.
 // A thread reads "items": VEC elements adjacent along its lane dimension, one 16-byte access when
 // every tensor of the launch allows it (stride 1 there, aligned pointers and strides), else VEC = 1.
@@ -38,10 +39,12 @@
 #include <array>
 #include <climits>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -55,8 +58,9 @@ namespace {
 using namespace bn;  // NOLINT: the kernels and their building blocks
 
 constexpr int kMinStepsPerThread = 2;  // splitting finer only adds partials to merge
-constexpr int kSectorBytes = 32;       // memory access granularity: along C, a row of a block's
-                                       // channels is at least this wide
+constexpr int kSectorBytes = 32;       // memory access granularity: along C, no row of a block's
+                                       // channels is narrower
+constexpr int kLineBytes = 128;        // a cache line: the rows the two-pass kernels take along C
 constexpr int64_t kMaxGridYZ = 65535;
 // A resident kernel's wait for the other blocks of its tile, once per round, in the bytes a block
 // moves meanwhile: about 2 us at 3 TB/s shared by 264 blocks. An estimate until a GPU measures it.
@@ -171,10 +175,12 @@ void split_plan(int64_t want, Plan* plan) {
   plan->grid.z = unsigned(ceil_div(t.items, t.items_per_split));
 }
 
-// Plans a launch over ops[0..num_ops) (ops[0]: the input, which picks the orientation). Rewrites
-// their views in place: with L == 1, sL = sN (l is always 0, and this lets n merge into l); and
-// (N, L) merge into L when every present view allows it (sN == L * sL, e.g. channels_last).
-cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, Plan* plan) {
+// Plans a launch over ops[0..num_ops) (ops[0]: the input, which picks the orientation), along C
+// with rows of a block's channels `row_bytes` wide where C allows. Rewrites the views in place
+// (so planning them again gives the same views): with L == 1, sL = sN (l is always 0, and this
+// lets n merge into l); and (N, L) merge into L when every present view allows it (sN == L * sL,
+// e.g. channels_last).
+cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, int row_bytes, Plan* plan) {
   Strided3d& in = ops[0].view;
   if (in.N < 1 || in.C < 1 || in.L < 1) return cudaErrorInvalidValue;
   DeviceLimits device;
@@ -208,9 +214,8 @@ cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, Plan* plan) {
 
   int64_t tx;
   if (plan->along_c) {
-    // The narrowest rows that still read whole sectors: more channel tiles, so fewer splits (and
-    // fewer partials for each block of the second launch to merge).
-    tx = std::min<int64_t>(std::max(kSectorBytes / (vec * elt), 1), pow2_ceil(ceil_div(in.C, vec)));
+    // At most a warp along C: block_merge's channel groups are lanes.
+    tx = std::min<int64_t>({std::max(row_bytes / (vec * elt), 1), 32, pow2_ceil(ceil_div(in.C, vec))});
   } else {
     // Enough lanes along l to cover a row in one step (at most a warp), then no more threads
     // along n than there are batch indices.
@@ -248,6 +253,24 @@ int64_t max_steps(const Plan& plan, int U) {
 bool one_pass_enabled() {
   const char* value = std::getenv("CNNKERN_CUDA_ONE_PASS");
   return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+// The rows of a block's channels along C in the two-pass kernels: a cache line (kLineBytes), or
+// CNNKERN_CUDA_ROW_BYTES (32 or 64; an experiment's knob: on the H200, channels_last kernels with
+// 32-byte rows ran at a third of their NCHW twins' speed, bench/NOTES.md, and bench.dram times
+// the widths side by side). Read once per process: a workspace query and its launch must plan alike.
+int two_pass_row_bytes() {
+  static const int bytes = [] {
+    const char* value = std::getenv("CNNKERN_CUDA_ROW_BYTES");
+    if (value == nullptr) return kLineBytes;
+    for (const int allowed : {kSectorBytes, 2 * kSectorBytes, kLineBytes}) {
+      if (std::strcmp(value, std::to_string(allowed).c_str()) == 0) return allowed;
+    }
+    std::fprintf(stderr, "cnnkern: CNNKERN_CUDA_ROW_BYTES=%s ignored (32, 64 or 128): rows of %d bytes\n", value,
+                 kLineBytes);
+    return kLineBytes;
+  }();
+  return bytes;
 }
 
 // A one-pass launch (bn_forward_resident_kernel, bn_backward_resident_kernel): `plan` with the
@@ -355,10 +378,15 @@ bool backward_needs_sums(const BnBackwardArgs& a) {
 // one-pass kernel (`one_pass_kernel`), the one-pass plan if plan_resident takes the call. That
 // kernel keeps kKept tensors in shared memory and merges Acc partials, with a table of
 // kCoefficients values per channel (resident_static_shared).
+// Along C, the one-pass plan takes the widest rows, from the two-pass kernels' down to a sector,
+// whose channel tiles a round can keep in shared memory.
 template <typename T, template <typename, int> class Acc, int kKept, int kCoefficients, size_t kOps>
 cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass_kernel, Plan* plan,
                       std::optional<ResidentPlan>* resident) {
-  if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), plan); err != cudaSuccess) return err;
+  const int row_bytes = two_pass_row_bytes();
+  if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), row_bytes, plan); err != cudaSuccess) {
+    return err;
+  }
   resident->reset();
   if (!one_pass_kernel) return cudaSuccess;
   DeviceLimits device;
@@ -368,8 +396,20 @@ cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass
     constexpr int VEC = decltype(vec)::value, K = kAlongC ? VEC : 1;
     using A = acc_t<T>;
     const size_t static_shared = resident_static_shared<Acc<A, K>, A, kCoefficients>();
-    ResidentPlan r;
-    if (plan_resident<T, kAlongC, VEC>(*plan, device, kKept, static_shared, &r)) *resident = r;
+    Plan base = *plan;
+    for (int row = row_bytes; row >= kSectorBytes; row /= 2) {
+      if (row != row_bytes) {
+        if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), row, &base); err != cudaSuccess) {
+          return err;
+        }
+      }
+      ResidentPlan r;
+      if (plan_resident<T, kAlongC, VEC>(base, device, kKept, static_shared, &r)) {
+        *resident = r;
+        break;
+      }
+      if (!kAlongC) break;  // rows are along C only
+    }
     return cudaSuccess;
   });
 }
