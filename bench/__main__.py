@@ -12,33 +12,23 @@ import sys
 import torch
 
 from . import batch_norm
+from .cli import comma_list
 from .timing import copy_bandwidth_gbps, device_name, keep_freed_cpu_memory, time_fn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 FAMILIES = {"batch_norm": batch_norm}
 
 
-def _csv(choices):
-    """An argparse type: a comma list, each item one of `choices`."""
-    def parse(s):
-        items = [v for v in s.split(",") if v]
-        bad = [v for v in items if v not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"{s!r}: expected a comma list of {', '.join(choices)}")
-        return items
-    return parse
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing runs")
-    p.add_argument("--family", type=_csv(list(FAMILIES)), default=list(FAMILIES), help=f"comma list of {','.join(FAMILIES)}")
-    p.add_argument("--provider", type=_csv(batch_norm.PROVIDERS), default=None, help=f"comma list of {','.join(batch_norm.PROVIDERS)}")
-    p.add_argument("--dtype", type=_csv(list(DTYPES)), default=None,
+    p.add_argument("--family", type=comma_list(list(FAMILIES)), default=list(FAMILIES), help=f"comma list of {','.join(FAMILIES)}")
+    p.add_argument("--provider", type=comma_list(batch_norm.PROVIDERS), default=None, help=f"comma list of {','.join(batch_norm.PROVIDERS)}")
+    p.add_argument("--dtype", type=comma_list(list(DTYPES)), default=None,
                    help=f"comma list of {','.join(DTYPES)} (default: bf16,fp32 on a GPU, fp32 on the CPU)")
-    p.add_argument("--layout", type=_csv(["nchw", "channels_last"]), default=["nchw", "channels_last"],
+    p.add_argument("--layout", type=comma_list(["nchw", "channels_last"]), default=["nchw", "channels_last"],
                    help="comma list of nchw,channels_last")
-    p.add_argument("--mode", type=_csv(list(batch_norm.MODES)), default=None, help=f"comma list of {','.join(batch_norm.MODES)}")
+    p.add_argument("--mode", type=comma_list(list(batch_norm.MODES)), default=None, help=f"comma list of {','.join(batch_norm.MODES)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder for JSON/PNG")
     p.add_argument("--no-plot", action="store_true")

@@ -1,7 +1,8 @@
 """DRAM bytes each batch-norm kernel moves, read by Nsight Compute, next to the bytes
 the model says must move (bench/NOTES.md): whether a second pass reads from L2.
 
-    python -m bench.dram [--shape 128,256,56,56] [--dtype bf16] [--out DIR]
+    python -m bench.dram [--shape 128,256,56,56] [--dtype bf16] [--backend cuda,triton]
+                         [--layout nchw,channels_last] [--out DIR]
 
 runs itself under `ncu` (one process; each measured call is a cudaProfilerStart/Stop
 window, after a warm-up call that compiles and allocates) and prints a table per
@@ -9,7 +10,10 @@ call: its kernels, DRAM MB read and written, time, and the total against the mod
 for a kernel slower than its bytes, L1 sectors per global load and store request and how
 busy the SMs, L2 and DRAM were.
 ncu runs with `--cache-control none`: its default flushes L2 before every kernel,
-which would hide exactly the reuse under test. Needs a GPU and ncu on the PATH.
+which would hide exactly the reuse under test. The cuda backend's knobs in the
+environment (KNOBS) apply to the profiled process too, and the table's header names them:
+`CNNKERN_CUDA_ROW_BYTES=32 python -m bench.dram --backend cuda --layout channels_last`
+times the narrower rows against a default run's. Needs a GPU and ncu on the PATH.
 """
 import argparse
 import csv
@@ -23,6 +27,7 @@ from functools import partial
 import torch
 
 from .batch_norm import MODES
+from .cli import comma_list
 
 READ, WRITE, TIME = "dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum"
 REGS, WAVES = "launch__registers_per_thread", "launch__waves_per_multiprocessor"  # a fractional wave: idle SMs
@@ -37,22 +42,36 @@ BUSY = {"SM%": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
         "DRAM%": "dram__throughput.avg.pct_of_peak_sustained_elapsed"}
 METRICS = (READ, WRITE, TIME, REGS, WAVES, LD_SECTORS, LD_REQUESTS, ST_SECTORS, ST_REQUESTS, *BUSY.values())
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BACKENDS, LAYOUTS = ("cuda", "triton"), ("nchw", "channels_last")
+KNOBS = ("CNNKERN_CUDA_ROW_BYTES", "CNNKERN_CUDA_ONE_PASS")  # read by csrc/cuda/batch_norm.cu
 
 
-def _calls(shape, dtype):
-    """(label, model bytes, thunk) of each measured call: every backend that runs here x
-    both layouts x (training forward with ReLU, backward with residual and ReLU)."""
+def knobs():
+    """The cuda backend's knobs set in this environment, {name: value}."""
+    return {name: os.environ[name] for name in KNOBS if name in os.environ}
+
+
+def raw_name(settings):
+    """ncu's CSV file name for a run under `settings` (knobs()): runs with different knobs
+    into one folder keep their own."""
+    suffix = "".join(f"-{name.removeprefix('CNNKERN_CUDA_').lower()}{value}" for name, value in settings.items())
+    return f"dram{suffix}.csv"
+
+
+def _calls(shape, dtype, backends=BACKENDS, layouts=LAYOUTS):
+    """(label, model bytes, thunk) of each measured call: each of `backends` that runs here x
+    `layouts` x (training forward with ReLU, backward with residual and ReLU)."""
     from cnnkern.backends import refuses
 
     C = shape[1]
     p = torch.float32
-    for backend in ("cuda", "triton"):
+    for backend in backends:
         if refuses(backend, torch.device("cuda"), dtype, "bn_forward_train"):
             continue
         ops = torch.ops.cnnkern
         prefix = "triton_" if backend == "triton" else ""
         forward, backward = getattr(ops, prefix + "bn_forward_train"), getattr(ops, prefix + "bn_backward")
-        for layout in ("nchw", "channels_last"):
+        for layout in layouts:
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
             g = torch.randn_like(x)
@@ -66,12 +85,12 @@ def _calls(shape, dtype):
                    partial(backward, g, x, y, w, mean, invstd, True, True, [True, True, True, True]))
 
 
-def kernels_per_call(shape, dtype):
+def kernels_per_call(shape, dtype, backends=BACKENDS, layouts=LAYOUTS):
     """How many kernels each call launches (two passes, or one on the cuda backend's one-pass
     path), counted by the PyTorch profiler, outside ncu; memsets are not kernels to ncu either."""
     cuda = torch.profiler.ProfilerActivity.CUDA
     counts = []
-    for _, _, call in _calls(shape, dtype):
+    for _, _, call in _calls(shape, dtype, backends, layouts):
         call()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[cuda]) as prof:
@@ -82,9 +101,9 @@ def kernels_per_call(shape, dtype):
     return counts
 
 
-def run(shape, dtype):
+def run(shape, dtype, backends, layouts):
     """Under ncu: one profiler window per call; prints each call's label and model bytes."""
-    for label, model_bytes, call in _calls(shape, dtype):
+    for label, model_bytes, call in _calls(shape, dtype, backends, layouts):
         call()  # warm-up: compiles, fills the caching allocator
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
@@ -141,33 +160,45 @@ def _kernel_rows(csv_text):
             for _, k in sorted(by_id.items(), key=lambda kv: int(kv[0]))]
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.dram", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="128,256,56,56", help="N,C,H,W")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--backend", type=comma_list(BACKENDS), default=list(BACKENDS),
+                        help=f"comma list of {','.join(BACKENDS)}")
+    parser.add_argument("--layout", type=comma_list(LAYOUTS), default=list(LAYOUTS),
+                        help=f"comma list of {','.join(LAYOUTS)}")
     parser.add_argument("--out", default=None, help="folder for ncu's raw CSV")
     parser.add_argument("--run", action="store_true", help=argparse.SUPPRESS)  # the profiled child
-    args = parser.parse_args(argv)
-    shape = tuple(int(s) for s in args.shape.split(","))
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    shape, dtype = tuple(int(s) for s in args.shape.split(",")), DTYPES[args.dtype]
     if args.run:
-        return run(shape, DTYPES[args.dtype])
+        return run(shape, dtype, args.backend, args.layout)
     if shutil.which("ncu") is None:
         sys.exit("ncu (Nsight Compute) is not on the PATH")
     out = args.out or "."
     os.makedirs(out, exist_ok=True)
-    raw = os.path.join(out, "dram.csv")
+    settings = knobs()
+    raw = os.path.join(out, raw_name(settings))
     cmd = ["ncu", "--profile-from-start", "off", "--cache-control", "none", "--clock-control", "none",
            "--metrics", ",".join(METRICS), "--csv", "--log-file", raw,
-           sys.executable, "-m", "bench.dram", "--run", "--shape", args.shape, "--dtype", args.dtype]
+           sys.executable, "-m", "bench.dram", "--run", "--shape", args.shape, "--dtype", args.dtype,
+           "--backend", ",".join(args.backend), "--layout", ",".join(args.layout)]
     child = subprocess.run(cmd, capture_output=True, text=True)
     if child.returncode != 0:
         sys.exit(f"ncu failed ({child.returncode}):\n{child.stderr[-3000:]}")
     labels = [line.split("\t")[1:] for line in child.stdout.splitlines() if line.startswith("CALL\t")]
-    counts = kernels_per_call(shape, DTYPES[args.dtype])
+    counts = kernels_per_call(shape, dtype, args.backend, args.layout)
     calls = [(label, int(model_bytes), kernels) for (label, model_bytes), kernels in zip(labels, counts)]
     with open(raw) as f:
         rows = _kernel_rows(f.read())
-    print(f"DRAM traffic per call, {args.shape} {args.dtype} (ncu, caches not flushed; raw: {raw})")
+    knob_text = " ".join(f"{name}={value}" for name, value in settings.items()) or "no knobs set"
+    print(f"DRAM traffic per call, {args.shape} {args.dtype}, {knob_text} "
+          f"(ncu, caches not flushed; raw: {raw})")
     print(_table(calls, rows))
 
 

@@ -5,7 +5,8 @@ import argparse
 import pytest
 
 from bench import dram
-from bench.__main__ import _csv, parse_args
+from bench.__main__ import parse_args
+from bench.cli import comma_list
 
 NCU_CSV = '''==PROF== Connected to process 123
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
@@ -43,4 +44,18 @@ def test_bench_lists_are_checked():
     with pytest.raises(SystemExit):
         parse_args(["--mode", "fwd_relu,nope"])
     with pytest.raises(argparse.ArgumentTypeError, match="expected a comma list of a, b"):
-        _csv(["a", "b"])("a,c")
+        comma_list(["a", "b"])("a,c")
+
+
+def test_dram_filters_and_knobs(monkeypatch):
+    args = dram.parse_args(["--backend", "cuda", "--layout", "channels_last"])
+    assert (args.backend, args.layout) == (["cuda"], ["channels_last"])
+    with pytest.raises(SystemExit):
+        dram.parse_args(["--backend", "cudnn"])
+    for name in dram.KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    assert dram.raw_name(dram.knobs()) == "dram.csv"
+    monkeypatch.setenv("CNNKERN_CUDA_ROW_BYTES", "32")
+    monkeypatch.setenv("CNNKERN_CUDA_ONE_PASS", "0")
+    # Runs under different knobs keep apart; the names stay plain (they come back from $OUT).
+    assert dram.raw_name(dram.knobs()) == "dram-row_bytes32-one_pass0.csv"
