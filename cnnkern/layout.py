@@ -16,9 +16,10 @@ class Strided3d(NamedTuple):
 def try_view3d(t: Tensor) -> Optional[Strided3d]:
     """`t` (dim >= 2) as (N, C, L) with one stride per dim, or None when its spatial
     dims cannot be addressed with one stride (e.g. x[:, :, ::2, :])."""
+    shape, strides = t.shape, t.stride()  # each call builds a new tuple: once per view (host time)
     L, sL = 1, 1
     inner_seen = False
-    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+    for size, stride in zip(reversed(shape[2:]), reversed(strides[2:])):
         if size == 1:
             continue
         if not inner_seen:
@@ -26,7 +27,7 @@ def try_view3d(t: Tensor) -> Optional[Strided3d]:
         elif stride != L * sL:
             return None
         L *= size
-    return Strided3d(t.shape[0], t.shape[1], L, t.stride(0), t.stride(1), sL)
+    return Strided3d(shape[0], shape[1], L, strides[0], strides[1], sL)
 
 
 def view3d(t: Tensor, name: str = "tensor") -> Strided3d:

@@ -416,31 +416,18 @@ def _merged_stride_l(v: Strided3d) -> Optional[int]:
 
 
 class _Plan(NamedTuple):
-    """How one call's (N, C, L) tensors are cut into tiles and programs."""
+    """How one call's (N, C, L) tensors are cut into tiles and programs, as the launches take it.
+    Everything is computed once per geometry (_plan_views is cached): a call only unpacks it.
+    (In Triton 3.9, triton.cdiv and next_power_of_2 are constexpr functions: about 2 us per host call
+    on the project's CPU machine.)"""
 
     L: int  # positions per sample as the kernels see them (N * L when merged)
-    C: int
     strides: Mapping[str, Tuple[int, int, int]]  # per tensor name: element strides (n, c, l); zeros when absent
-    block_l: int
-    block_c: int
-    num_tiles: int  # tiles per channel block
-    tiles_per_split: int
     num_splits: int  # programs per channel block
-
-    @property
-    def grid(self) -> Tuple[int, int]:
-        return triton.cdiv(self.C, self.block_c), self.num_splits
-
-    @property
-    def tiling(self) -> Tuple[int, int, int, int]:
-        """The kernels' (l_blocks, num_tiles, tiles_per_split, num_splits) arguments."""
-        return triton.cdiv(self.L, self.block_l), self.num_tiles, self.tiles_per_split, self.num_splits
-
-    @property
-    def meta(self) -> Dict[str, int]:
-        # FMA contraction pinned on (as nvcc does for the CUDA kernels): Triton 3.10 turns
-        # its default off, so the same kernels would round differently from one version to the next.
-        return dict(BLOCK_L=self.block_l, BLOCK_C=self.block_c, num_warps=_NUM_WARPS, enable_fp_fusion=True)
+    grid: Tuple[int, int]  # (channel blocks, splits)
+    tiling: Tuple[int, int, int, int]  # the kernels' (l_blocks, num_tiles, tiles_per_split, num_splits)
+    splits_block: int  # SPLITS_BLOCK of the merging kernels: num_splits padded to a power of two
+    meta: Mapping[str, int]  # the block sizes and launch options every kernel takes
 
 
 def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
@@ -500,7 +487,13 @@ def _plan_views(named_views: Tuple[Tuple[str, Optional[Strided3d]], ...], acc_it
     num_splits = min(triton.cdiv(target, triton.cdiv(C, block_c)), max_splits())
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
-    return _Plan(L, C, types.MappingProxyType(strides), block_l, block_c, num_tiles, tiles_per_split, num_splits)
+    # FMA contraction pinned on (as nvcc does for the CUDA kernels): Triton 3.10 turns its
+    # default off, so the same kernels would round differently from one version to the next.
+    meta = dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=_NUM_WARPS, enable_fp_fusion=True)
+    return _Plan(L, types.MappingProxyType(strides), num_splits,
+                 grid=(triton.cdiv(C, block_c), num_splits),
+                 tiling=(triton.cdiv(L, block_l), num_tiles, tiles_per_split, num_splits),
+                 splits_block=triton.next_power_of_2(num_splits), meta=types.MappingProxyType(meta))
 
 
 def _tl_acc_dtype(input: Tensor) -> tl.dtype:
@@ -536,7 +529,7 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, HAS_RUNNING_MEAN=running_mean is not None,
             HAS_RUNNING_VAR=running_var is not None, RELU=relu, ACC_DTYPE=_tl_acc_dtype(input),
-            SPLITS_BLOCK=triton.next_power_of_2(plan.num_splits), **plan.meta)
+            SPLITS_BLOCK=plan.splits_block, **plan.meta)
     return output, save_mean, save_invstd
 
 
@@ -604,5 +597,5 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
             *dy_strides, *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"], *plan.tiling,
             TRAINING=training, RELU=relu and not residual_first, HAS_WEIGHT=weight is not None, HAS_SUMS=has_sums,
             HAS_DX=need_dx, HAS_DR=need_dr and not residual_first, HAS_DW=need_dw, HAS_DB=need_db,
-            ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=triton.next_power_of_2(plan.num_splits), **plan.meta)
+            ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=plan.splits_block, **plan.meta)
     return grads
