@@ -12,10 +12,9 @@ import sys
 import torch
 
 from . import batch_norm
-from .cli import comma_list
+from .cli import DTYPES, comma_list
 from .timing import copy_bandwidth_gbps, device_name, keep_freed_cpu_memory, time_fn
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 FAMILIES = {"batch_norm": batch_norm}
 
 

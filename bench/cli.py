@@ -1,6 +1,10 @@
 """Argument parsing shared by the benchmark commands (python -m bench, python -m bench.dram)."""
 import argparse
 
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
 
 def comma_list(choices):
     """An argparse type: a comma list, each item one of `choices`."""

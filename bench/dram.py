@@ -27,7 +27,7 @@ from functools import partial
 import torch
 
 from .batch_norm import MODES
-from .cli import comma_list
+from .cli import DTYPES, comma_list
 
 READ, WRITE, TIME = "dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum"
 REGS, WAVES = "launch__registers_per_thread", "launch__waves_per_multiprocessor"  # a fractional wave: idle SMs
@@ -41,7 +41,6 @@ BUSY = {"SM%": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
         "L2%": "lts__throughput.avg.pct_of_peak_sustained_elapsed",
         "DRAM%": "dram__throughput.avg.pct_of_peak_sustained_elapsed"}
 METRICS = (READ, WRITE, TIME, REGS, WAVES, LD_SECTORS, LD_REQUESTS, ST_SECTORS, ST_REQUESTS, *BUSY.values())
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS, LAYOUTS = ("cuda", "triton"), ("nchw", "channels_last")
 KNOBS = ("CNNKERN_CUDA_ROW_BYTES", "CNNKERN_CUDA_ONE_PASS")  # read by csrc/cuda/batch_norm.cu
 
@@ -163,7 +162,7 @@ def _kernel_rows(csv_text):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.dram", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="128,256,56,56", help="N,C,H,W")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(set(DTYPES) - {"fp64"}), default="bf16")
     parser.add_argument("--backend", type=comma_list(BACKENDS), default=list(BACKENDS),
                         help=f"comma list of {','.join(BACKENDS)}")
     parser.add_argument("--layout", type=comma_list(LAYOUTS), default=list(LAYOUTS),

@@ -1,10 +1,13 @@
 """The benchmark suite's own logic, which a CPU machine can check: argument lists,
-and the parsing of Nsight Compute's CSV by bench/dram.py (run on a GPU only)."""
+the parsing of Nsight Compute's CSV by bench/dram.py (run on a GPU only), and the
+host-time table of bench/host.py."""
 import argparse
 
 import pytest
 
-from bench import dram
+import torch
+
+from bench import dram, host
 from bench.__main__ import parse_args
 from bench.cli import comma_list
 
@@ -59,3 +62,18 @@ def test_dram_filters_and_knobs(monkeypatch):
     monkeypatch.setenv("CNNKERN_CUDA_ONE_PASS", "0")
     # Runs under different knobs keep apart; the names stay plain (they come back from $OUT).
     assert dram.raw_name(dram.knobs()) == "dram-row_bytes32-one_pass0.csv"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU table (Triton launches stubbed out)")
+def test_host_table_times_every_layer_without_launching():
+    from cnnkern.triton import batch_norm as kernels
+
+    real = {name: getattr(kernels, name) for name in host.KERNELS}
+    with host.no_triton_launches():
+        assert all(isinstance(getattr(kernels, name), host._NoLaunch) for name in host.KERNELS)
+    assert {name: getattr(kernels, name) for name in host.KERNELS} == real
+    rows = host.table((2, 3, 4, 4), torch.float32, calls=5).splitlines()[2:]
+    assert [" ".join(row.split()[1:-1]) for row in rows] == [
+        "wrapper forward", "wrapper backward", "op forward", "op backward", "functional, no grad",
+        "autograd forward", "autograd forward + backward"]
+    assert all(row.split()[0] == "triton" and float(row.split()[-1]) > 0 for row in rows)
