@@ -12,7 +12,7 @@ import sys
 import torch
 
 from . import batch_norm
-from .cli import DTYPES, comma_list
+from .cli import DTYPES, comma_list, shape_arg
 from .timing import copy_bandwidth_gbps, device_name, keep_freed_cpu_memory, time_fn
 
 FAMILIES = {"batch_norm": batch_norm}
@@ -28,6 +28,8 @@ def parse_args(argv):
     p.add_argument("--layout", type=comma_list(["nchw", "channels_last"]), default=["nchw", "channels_last"],
                    help="comma list of nchw,channels_last")
     p.add_argument("--mode", type=comma_list(list(batch_norm.MODES)), default=None, help=f"comma list of {','.join(batch_norm.MODES)}")
+    p.add_argument("--shape", type=shape_arg, nargs="+", default=None, metavar="N,C,H,W",
+                   help="shapes to time instead of the device's defaults (ResNet-50's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder for JSON/PNG")
     p.add_argument("--no-plot", action="store_true")
@@ -140,7 +142,7 @@ def main(argv=None):
         mod = FAMILIES[family]
         providers = args.provider or list(mod.PROVIDERS)
         todo = []
-        for case in mod.cases(device, args.quick, dtypes, args.layout, args.mode or list(mod.MODES)):
+        for case in mod.cases(device, args.quick, dtypes, args.layout, args.mode or list(mod.MODES), args.shape):
             for p in providers:
                 reason = mod.provider_refuses(p, device, case.dtype)
                 if reason is None:

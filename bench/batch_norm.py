@@ -61,10 +61,11 @@ class Case:
         return f"{self.mode} {'x'.join(map(str, self.shape))} {str(self.dtype)[6:]} {self.layout}"
 
 
-def cases(device: torch.device, quick: bool, dtypes, layouts, modes) -> List[Case]:
-    if device.type == "cuda":
+def cases(device: torch.device, quick: bool, dtypes, layouts, modes, shapes=None) -> List[Case]:
+    """Every (mode, shape, dtype, layout); `shapes` (N, C, H, W) tuples replace the device's defaults."""
+    if shapes is None and device.type == "cuda":
         shapes = GPU_QUICK_SHAPES if quick else GPU_SHAPES
-    else:
+    elif shapes is None:
         shapes = CPU_QUICK_SHAPES if quick else CPU_SHAPES
     return [Case(m, s, d, l) for m, s, d, l in itertools.product(modes, shapes, dtypes, layouts)]
 

@@ -15,3 +15,14 @@ def comma_list(choices):
             raise argparse.ArgumentTypeError(f"{s!r}: expected a comma list of {', '.join(choices)}")
         return items
     return parse
+
+
+def shape_arg(s):
+    """An argparse type: N,C,H,W as a tuple of four positive ints (4-d: channels_last needs them)."""
+    try:
+        dims = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected four positive sizes N,C,H,W (e.g. 32,64,56,56)")
+    return dims

@@ -27,7 +27,7 @@ from functools import partial
 import torch
 
 from .batch_norm import MODES
-from .cli import DTYPES, comma_list
+from .cli import DTYPES, comma_list, shape_arg
 
 READ, WRITE, TIME = "dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum"
 REGS, WAVES = "launch__registers_per_thread", "launch__waves_per_multiprocessor"  # a fractional wave: idle SMs
@@ -161,7 +161,7 @@ def _kernel_rows(csv_text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.dram", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="128,256,56,56", help="N,C,H,W")
+    parser.add_argument("--shape", type=shape_arg, default=(128, 256, 56, 56), metavar="N,C,H,W")
     parser.add_argument("--dtype", choices=sorted(set(DTYPES) - {"fp64"}), default="bf16")
     parser.add_argument("--backend", type=comma_list(BACKENDS), default=list(BACKENDS),
                         help=f"comma list of {','.join(BACKENDS)}")
@@ -174,7 +174,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    shape, dtype = tuple(int(s) for s in args.shape.split(",")), DTYPES[args.dtype]
+    shape, dtype = args.shape, DTYPES[args.dtype]
     if args.run:
         return run(shape, dtype, args.backend, args.layout)
     if shutil.which("ncu") is None:
@@ -185,7 +185,7 @@ def main(argv=None):
     raw = os.path.join(out, raw_name(settings))
     cmd = ["ncu", "--profile-from-start", "off", "--cache-control", "none", "--clock-control", "none",
            "--metrics", ",".join(METRICS), "--csv", "--log-file", raw,
-           sys.executable, "-m", "bench.dram", "--run", "--shape", args.shape, "--dtype", args.dtype,
+           sys.executable, "-m", "bench.dram", "--run", "--shape", ",".join(map(str, shape)), "--dtype", args.dtype,
            "--backend", ",".join(args.backend), "--layout", ",".join(args.layout)]
     child = subprocess.run(cmd, capture_output=True, text=True)
     if child.returncode != 0:
@@ -196,7 +196,7 @@ def main(argv=None):
     with open(raw) as f:
         rows = _kernel_rows(f.read())
     knob_text = " ".join(f"{name}={value}" for name, value in settings.items()) or "no knobs set"
-    print(f"DRAM traffic per call, {args.shape} {args.dtype}, {knob_text} "
+    print(f"DRAM traffic per call, {'x'.join(map(str, shape))} {args.dtype}, {knob_text} "
           f"(ncu, caches not flushed; raw: {raw})")
     print(_table(calls, rows))
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 import cnnkern  # noqa: E402  (after TRITON_INTERPRET)
 from cnnkern.backends import refuses  # noqa: E402
 
-from .cli import DTYPES  # noqa: E402
+from .cli import DTYPES, shape_arg  # noqa: E402
 
 KERNELS = ("_bn_stats_kernel", "_bn_fwd_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_kernel")
 
@@ -130,11 +130,11 @@ def table(shape, dtype, calls: int) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="8,64,14,14", help="N,C,H,W")
+    parser.add_argument("--shape", type=shape_arg, default=(8, 64, 14, 14), metavar="N,C,H,W")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args(argv)
-    print(table(tuple(int(s) for s in args.shape.split(",")), DTYPES[args.dtype], args.calls))
+    print(table(args.shape, DTYPES[args.dtype], args.calls))
 
 
 if __name__ == "__main__":

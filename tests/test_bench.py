@@ -50,6 +50,20 @@ def test_bench_lists_are_checked():
         comma_list(["a", "b"])("a,c")
 
 
+def test_bench_shapes_replace_the_defaults():
+    from bench.batch_norm import CPU_SHAPES, cases
+
+    args = parse_args(["--shape", "4,64,28,28", "2,3,5,1"])
+    assert args.shape == [(4, 64, 28, 28), (2, 3, 5, 1)]
+    cpu = torch.device("cpu")
+    picked = cases(cpu, False, [torch.float32], ["nchw"], ["fwd_relu"], args.shape)
+    assert [c.shape for c in picked] == [(4, 64, 28, 28), (2, 3, 5, 1)]
+    assert [c.shape for c in cases(cpu, False, [torch.float32], ["nchw"], ["fwd_relu"])] == CPU_SHAPES
+    for bad in ("4", "2,3,5", "4,0,2,2", "4,x,2,2"):
+        with pytest.raises(SystemExit):
+            parse_args(["--shape", bad])
+
+
 def test_dram_filters_and_knobs(monkeypatch):
     args = dram.parse_args(["--backend", "cuda", "--layout", "channels_last"])
     assert (args.backend, args.layout) == (["cuda"], ["channels_last"])
