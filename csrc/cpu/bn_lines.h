@@ -20,10 +20,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <initializer_list>
+#include <numeric>
 #include <optional>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -69,6 +73,11 @@ struct Lines {
 // Lines are cut into segments of at most kSegment elements, the unit of parallel
 // work: a few long lines (C = 1, large L) still spread over all threads.
 constexpr int64_t kSegment = 4096;
+// Reductions along C take whole lines this many at a time (Walk::for_line_groups): the
+// per-channel partials are then loaded and stored once per group. One line at a time,
+// each partial's store-to-load chain from line to line paced the loop. (Grouping the
+// elementwise passes the same way made them slower: 4 lines x 5 tensors of streams.)
+constexpr int64_t kLineGroup = 4;
 
 // Lines run along the dim that loads contiguously: L for NCHW, C for
 // channels_last and whenever L == 1; for other strides, the smaller one.
@@ -128,6 +137,19 @@ struct Walk {
       }
     }
   }
+
+  // Calls group(i) for runs of kLineGroup whole lines, segments i.. (when every line is one
+  // segment, line_of(i) names segment i's line), then f(n, j, k0, k1) for the segments left.
+  template <typename G, typename F>
+  void for_line_groups(int64_t begin, int64_t end, const G& group, const F& f) const {
+    if (segs == 1) {
+      for (; begin + kLineGroup <= end; begin += kLineGroup) group(begin);
+    }
+    for_segments(begin, end, f);
+  }
+
+  // The (n, j) of segment i when every line is one segment.
+  std::pair<int64_t, int64_t> line_of(int64_t i) const { return {i / J, j0 + i % J}; }
 
   // `t` as lines; an undefined `t` (an absent optional) gives lines never read.
   template <typename T, typename S>
@@ -235,11 +257,6 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
 // Along C, per-channel partial sums hold at most this many lines before being
 // folded into double.
 constexpr int64_t kFoldLines = 256;
-// Along C, lines that are one segment each are summed this many at a time: their
-// values meet in registers, and the per-channel partials are loaded and stored once
-// per group. One line at a time, each partial's store-to-load chain from line to
-// line paced the loop (half the speed of the L walk on cache-resident tensors).
-constexpr int64_t kLineGroup = 4;
 static_assert(kFoldLines % kLineGroup == 0, "a fold falls between groups");
 
 // Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
@@ -253,33 +270,30 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   const auto fold = [&] {
     for (int64_t c = 0; c < 2 * w.C; ++c) sums[c] += std::exchange(part[c], 0);
   };
-  const auto add_segment = [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    const auto elem = line_fn(n, j);
-#pragma omp simd
-    for (int64_t k = k0; k < k1; ++k) {
-      const std::pair<acc_t, acc_t> ab = elem(k);
-      a[k] += ab.first;
-      b[k] += ab.second;
-    }
-  };
+  const auto line = [&](int64_t i) { return std::apply(line_fn, w.line_of(i)); };
   int64_t lines = 0;
-  if (w.segs == 1) {  // segment i is line (i / J, i % J), whole
-    const auto line = [&](int64_t i) { return line_fn(i / w.J, w.j0 + i % w.J); };
-    for (; begin + kLineGroup <= end; begin += kLineGroup) {
-      const auto e0 = line(begin), e1 = line(begin + 1), e2 = line(begin + 2), e3 = line(begin + 3);
+  w.for_line_groups(
+      begin, end,
+      [&](int64_t i) {
+        const auto e0 = line(i), e1 = line(i + 1), e2 = line(i + 2), e3 = line(i + 3);
 #pragma omp simd
-      for (int64_t k = 0; k < w.len; ++k) {
-        const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
-        a[k] += (p0.first + p1.first) + (p2.first + p3.first);
-        b[k] += (p0.second + p1.second) + (p2.second + p3.second);
-      }
-      if ((lines += kLineGroup) % kFoldLines == 0) fold();
-    }
-  }
-  w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    add_segment(n, j, k0, k1);
-    if (++lines % kFoldLines == 0) fold();
-  });
+        for (int64_t k = 0; k < w.len; ++k) {
+          const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
+          a[k] += (p0.first + p1.first) + (p2.first + p3.first);
+          b[k] += (p0.second + p1.second) + (p2.second + p3.second);
+        }
+        if ((lines += kLineGroup) % kFoldLines == 0) fold();
+      },
+      [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
+        const auto elem = line_fn(n, j);
+#pragma omp simd
+        for (int64_t k = k0; k < k1; ++k) {
+          const std::pair<acc_t, acc_t> ab = elem(k);
+          a[k] += ab.first;
+          b[k] += ab.second;
+        }
+        if (++lines % kFoldLines == 0) fold();
+      });
   fold();
 }
 
