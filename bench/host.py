@@ -110,12 +110,13 @@ def layers(backend: str, shape, dtype, device) -> Dict[str, Callable[[], object]
     return out
 
 
-def table(shape, dtype, calls: int) -> str:
-    """The printed table: one row per (backend, layer)."""
+def table(shape, dtype, calls: int) -> Iterator[str]:
+    """The table's lines, one row per (backend, layer), each as soon as it is measured (a run cut
+    short by a time limit still shows what it measured)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lines = [f"host time per call, {'x'.join(map(str, shape))} {str(dtype)[6:]} on "
-             f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU, Triton launches stubbed out'}",
-             f"{'backend':<8} {'layer':<30} {'us/call':>8}"]
+    yield (f"host time per call, {'x'.join(map(str, shape))} {str(dtype)[6:]} on "
+           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU, Triton launches stubbed out'}")
+    yield f"{'backend':<8} {'layer':<30} {'us/call':>8}"
     if device.type == "cuda":
         backends, stub = [b for b in ("triton", "cuda") if not refuses(b, device, dtype, "bn_forward_train")], False
         backends.append("eager")
@@ -124,8 +125,7 @@ def table(shape, dtype, calls: int) -> str:
     for backend in backends:
         with no_triton_launches() if stub else contextlib.nullcontext():
             for layer, fn in layers(backend, shape, dtype, device).items():
-                lines.append(f"{backend:<8} {layer:<30} {per_call_us(fn, calls, device):>8.1f}")
-    return "\n".join(lines)
+                yield f"{backend:<8} {layer:<30} {per_call_us(fn, calls, device):>8.1f}"
 
 
 def main(argv=None):
@@ -134,7 +134,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args(argv)
-    print(table(args.shape, DTYPES[args.dtype], args.calls))
+    for line in table(args.shape, DTYPES[args.dtype], args.calls):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 # cut with SIGINT, so pytest still prints what passed), the DRAM-traffic check
 # (bench/dram.py, under ncu; then again for the cuda channels_last kernels with the
 # rows they had before, CNNKERN_CUDA_ROW_BYTES=32) DRAM_BUDGET (default 60), the
-# host time per call of each layer (bench/host.py) HOST_BUDGET (default 30), the
+# host time per call of each layer (bench/host.py) HOST_BUDGET (default 20), the
 # benchmark what is left; it saves its JSON after every case, so a stage cut short
 # still leaves what it measured.
 # The extension is built for this GPU's architecture only, unless TORCH_CUDA_ARCH_LIST
@@ -65,7 +65,7 @@ if [ "$test_budget" -gt 0 ]; then
 fi
 
 dram_budget=${DRAM_BUDGET:-60}
-host_budget=${HOST_BUDGET:-30}
+host_budget=${HOST_BUDGET:-20}
 stage "benchmark"
 left=$(( ${BUDGET:-520} - (SECONDS - start) - dram_budget - host_budget - 10 ))
 timeout "$left" python3 -m bench --out "$out" --no-plot "${bench_args[@]}" > "$out/bench.log" 2>&1
@@ -74,7 +74,7 @@ grep -v "^\[" "$out/bench.log" | tail -60
 
 if [ "$host_budget" -gt 0 ]; then
   stage "host time per call"
-  timeout "$host_budget" python3 -m bench.host > "$out/host.log" 2>&1
+  timeout "$host_budget" python3 -m bench.host --calls 1000 > "$out/host.log" 2>&1
   echo "host exit $? (124: cut at $host_budget s)"
   cat "$out/host.log"
 fi
