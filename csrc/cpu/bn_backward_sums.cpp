@@ -28,7 +28,7 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
         const auto Y = w.lines<const scalar_t, TS>(output);
         const auto DR = w.lines<scalar_t, TS>(grad_residual);
         const auto Mean = w.per_channel<CS>(mean);
-        sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
+        sums = channel_sums<acc_t, CS, /*kGroupLines=*/false>(w, [&](int64_t n, int64_t j) {
           return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dr = DR.line(n, j),
                   mean = Mean.line(n, j)](int64_t k) {
             const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);

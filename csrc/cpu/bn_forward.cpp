@@ -37,7 +37,7 @@ std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const a
     using CS = decltype(cs);
     const auto X = w.lines<const scalar_t, TS>(input);
     const auto Ref = w.per_channel<CS>(ref);
-    sums = channel_sums<acc_t, CS>(w, [&](int64_t n, int64_t j) {
+    sums = channel_sums<acc_t, CS, /*kGroupLines=*/true>(w, [&](int64_t n, int64_t j) {
       return [x = X.line(n, j), ref = Ref.line(n, j)](int64_t k) {
         const acc_t d = static_cast<acc_t>(x[k]) - ref[k];
         return std::pair<acc_t, acc_t>(d, d * d);

@@ -73,10 +73,12 @@ struct Lines {
 // Lines are cut into segments of at most kSegment elements, the unit of parallel
 // work: a few long lines (C = 1, large L) still spread over all threads.
 constexpr int64_t kSegment = 4096;
-// Reductions along C take whole lines this many at a time (Walk::for_line_groups): the
-// per-channel partials are then loaded and stored once per group. One line at a time,
-// each partial's store-to-load chain from line to line paced the loop. (Grouping the
-// elementwise passes the same way made them slower: 4 lines x 5 tensors of streams.)
+// The forward's statistics along C take whole lines this many at a time
+// (Walk::for_line_groups): the per-channel partials are then loaded and stored once
+// per group. One line at a time, each partial's store-to-load chain from line to
+// line paced the loop. Passes over several tensors stay one line at a time: grouped,
+// their 4 x (3 to 5) streams made them slower (elementwise, bwd_add_relu 16x64x28x28
+// 0.28 -> 0.40 ms; the backward's sums with grad_residual, 32x64x56x56, 3.0 -> 4.1 ms).
 constexpr int64_t kLineGroup = 4;
 
 // Lines run along the dim that loads contiguously: L for NCHW, C for
@@ -261,7 +263,8 @@ static_assert(kFoldLines % kLineGroup == 0, "a fold falls between groups");
 
 // Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
 // and sums[C + c]. Element k of a line is channel k's (and the walk covers all C).
-template <typename acc_t, typename LineFn>
+// kGroupLines: whole lines kLineGroup at a time (for_line_groups).
+template <typename acc_t, bool kGroupLines, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
                                                 double* sums) {
   std::vector<acc_t> part(2 * w.C, 0);
@@ -270,30 +273,33 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   const auto fold = [&] {
     for (int64_t c = 0; c < 2 * w.C; ++c) sums[c] += std::exchange(part[c], 0);
   };
-  const auto line = [&](int64_t i) { return std::apply(line_fn, w.line_of(i)); };
   int64_t lines = 0;
-  w.for_line_groups(
-      begin, end,
-      [&](int64_t i) {
-        const auto e0 = line(i), e1 = line(i + 1), e2 = line(i + 2), e3 = line(i + 3);
+  const auto add_segment = [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
+    const auto elem = line_fn(n, j);
 #pragma omp simd
-        for (int64_t k = 0; k < w.len; ++k) {
-          const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
-          a[k] += (p0.first + p1.first) + (p2.first + p3.first);
-          b[k] += (p0.second + p1.second) + (p2.second + p3.second);
-        }
-        if ((lines += kLineGroup) % kFoldLines == 0) fold();
-      },
-      [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-        const auto elem = line_fn(n, j);
+    for (int64_t k = k0; k < k1; ++k) {
+      const std::pair<acc_t, acc_t> ab = elem(k);
+      a[k] += ab.first;
+      b[k] += ab.second;
+    }
+    if (++lines % kFoldLines == 0) fold();
+  };
+  if constexpr (kGroupLines) {
+    const auto line = [&](int64_t i) { return std::apply(line_fn, w.line_of(i)); };
+    const auto add_group = [&](int64_t i) {
+      const auto e0 = line(i), e1 = line(i + 1), e2 = line(i + 2), e3 = line(i + 3);
 #pragma omp simd
-        for (int64_t k = k0; k < k1; ++k) {
-          const std::pair<acc_t, acc_t> ab = elem(k);
-          a[k] += ab.first;
-          b[k] += ab.second;
-        }
-        if (++lines % kFoldLines == 0) fold();
-      });
+      for (int64_t k = 0; k < w.len; ++k) {
+        const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
+        a[k] += (p0.first + p1.first) + (p2.first + p3.first);
+        b[k] += (p0.second + p1.second) + (p2.second + p3.second);
+      }
+      if ((lines += kLineGroup) % kFoldLines == 0) fold();
+    };
+    w.for_line_groups(begin, end, add_group, add_segment);
+  } else {
+    w.for_segments(begin, end, add_segment);
+  }
   fold();
 }
 
@@ -303,7 +309,9 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
 // kFoldLines lines, folded into per-thread double sums (accurate whatever N * L),
 // which are combined at the end.
 // ChannelStride tells where the channel is: j on an L line, k on a C line.
-template <typename acc_t, typename ChannelStride, typename LineFn>
+// kGroupLines: along C, whole lines kLineGroup at a time, for a line_fn that reads
+// one tensor (4 streams); with more, the grouped loop ran slower on large tensors.
+template <typename acc_t, typename ChannelStride, bool kGroupLines, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
   const int64_t size = 2 * w.nc;
   const int nthreads = at::get_num_threads();
@@ -315,7 +323,7 @@ std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
     if constexpr (std::is_same_v<ChannelStride, Bcast>) {
       sum_segments_along_l<acc_t>(w, begin, end, line_fn, sums);
     } else {
-      sum_segments_along_c<acc_t>(w, begin, end, line_fn, sums);
+      sum_segments_along_c<acc_t, kGroupLines>(w, begin, end, line_fn, sums);
     }
   });
   std::vector<double> total(size, 0.0);
