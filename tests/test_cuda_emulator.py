@@ -83,6 +83,9 @@ def test_selftest_spin_wait_rules(cuda_emulator, kernel, message):
     cuda_emulator.use_device(3)
     err, _, _ = selftest(cuda_emulator, kernel, blocks=5)
     assert message in err, err
+    # A failed launch is reported once: the next launch's check does not see it again.
+    with cuda_kernels_on_cpu(cuda_emulator):
+        cnnkern.functional.batch_norm(torch.randn(2, 3, 4, 4), None, None, training=True, backend="cpu")
 
 
 def test_ops_run_the_emulated_kernels(cuda_emulator):

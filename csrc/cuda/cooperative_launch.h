@@ -23,7 +23,11 @@ cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block,
   config.stream = stream;
   config.attrs = &cooperative;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  // Reported once, by the return value: cleared from the runtime's last error, where the next
+  // launch's check (cudaGetLastError) would report it again, against a launch that did not fail.
+  if (err != cudaSuccess) static_cast<void>(cudaGetLastError());
+  return err;
 }
 
 }  // namespace cnnkern::cuda
