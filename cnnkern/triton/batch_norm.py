@@ -385,6 +385,7 @@ def _bn_bwd_kernel(
 _TILE_BYTES = 8192  # of ACC_DTYPE per [BLOCK_L, BLOCK_C] tile: 2048 float32 values, 16 per thread at
 # 4 warps; 1024 float64 ones, whose accumulators would otherwise spill registers (tests/triton_aot.py)
 _NUM_WARPS = 4
+_THREADS = 32 * _NUM_WARPS
 _PROGRAMS_PER_SM = 8  # 32 warps per SM: enough loads in flight for a memory-bound pass
 
 
@@ -460,14 +461,20 @@ def _plan_views(named_views: Tuple[Tuple[str, Optional[Strided3d]], ...], acc_it
     strides.update({name: (0, 0, 0) for name, v in named_views if v is None})
 
     # Lanes run along the input's stride-1 axis: channels for channels_last, else
-    # positions; the other axis fills the tile.
+    # positions; the other axis fills the tile, with at least one value per thread where
+    # the extents allow: padding idles fewer threads than a tile smaller than the block
+    # (a channels_last 5x65x7x7 with an NCHW residual, whose samples do not merge, got
+    # [4, 8] tiles, 13 per sample with 3/4 of the threads idle; now one [64, 8] tile).
+    def across(extent: int, lanes: int) -> int:
+        return _pow2_block(extent, max(1, _THREADS // lanes), tile // lanes)
+
     channels_major = C > 1 and strides["input"][1] == 1
     if channels_major:
         block_c = _pow2_block(C, 8, 64)
-        block_l = _pow2_block(L, 1, tile // block_c)
+        block_l = across(L, block_c)
     else:
         block_l = _pow2_block(L, 32, 1024)
-        block_c = _pow2_block(C, 1, tile // block_l)
+        block_c = across(C, block_l)
 
     def max_splits() -> int:
         num_tiles = num_samples * triton.cdiv(L, block_l)
@@ -484,7 +491,7 @@ def _plan_views(named_views: Tuple[Tuple[str, Optional[Strided3d]], ...], acc_it
     while triton.cdiv(C, block_c) * max_splits() < target and block_c > (8 if channels_major else 1):
         block_c //= 2
         if channels_major:
-            block_l = _pow2_block(L, 1, tile // block_c)
+            block_l = across(L, block_c)
     num_tiles = num_samples * triton.cdiv(L, block_l)
     num_splits = min(triton.cdiv(target, triton.cdiv(C, block_c)), max_splits())
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
