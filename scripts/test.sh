@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m pytest -n "${CNNKERN_TEST_JOBS:-2}" -q -rs "$@" tests
+exec "${PYTHON:-python3}" -m pytest -n "${CNNKERN_TEST_JOBS:-2}" --dist loadgroup -q -rs "$@" tests

@@ -10,15 +10,36 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+ARCHS = (80, 90)
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+# One nvcc run per source serves every test here (about two minutes for batch_norm.cu on 2 cores):
+# the group keeps them on one pytest-xdist worker (scripts/test.sh runs --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("nvcc")
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.fixture(scope="module")
+def nvcc(tmp_path_factory):
+    """nvcc(source) -> (result, folder): source compiled for every arch of ARCHS, once, with
+    nvcc's intermediates (the PTX among them: <stem>.compute_<arch>.ptx) kept in folder."""
+    runs = {}
+
+    def compile_once(source: pathlib.Path):
+        if source not in runs:
+            folder = tmp_path_factory.mktemp(source.stem)
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+            cmd = ["nvcc", "-std=c++17", "-O3", "-c", str(source), "-o", str(folder / "out.o"),
+                   "-I", str(ROOT / "csrc"), "-Werror", "all-warnings",
+                   "-Xptxas=--warn-on-spills,--warning-as-error", "-keep", "--keep-dir", str(folder), *gencode]
+            runs[source] = subprocess.run(cmd, capture_output=True, text=True), folder
+        return runs[source]
+
+    return compile_once
+
+
+@needs_nvcc
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
-def test_nvcc_compiles(source, tmp_path):
-    cmd = ["nvcc", "-std=c++17", "-O3", "-c", str(source), "-o", str(tmp_path / "out.o"), "-I", str(ROOT / "csrc"),
-           "-Werror", "all-warnings", "-Xptxas=--warn-on-spills,--warning-as-error",
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def test_nvcc_compiles(nvcc, source):
+    result, _ = nvcc(source)
     assert result.returncode == 0, result.stderr
 
 
@@ -45,16 +66,14 @@ def loop_depth(ptx_body: str) -> int:
     return max((sum(a <= b0 and b1 <= c for a, c in loops) for b0, b1 in loops), default=0)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_step_loops_stay_nested(tmp_path):
+@needs_nvcc
+def test_step_loops_stay_nested(nvcc):
     """nvcc 13.0 once compiled for_each_step's loop over n into a single pass when its step was a
     compile-time 1 (along C): only the first n of each thread was read and written, on the GPU
     alone (the CPU emulator compiles with g++). The PTX of those kernels must keep two loops."""
-    ptx = tmp_path / "batch_norm.ptx"
-    cmd = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-ptx", str(ROOT / "csrc" / "cuda" / "batch_norm.cu"),
-           "-o", str(ptx), "-I", str(ROOT / "csrc")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result, folder = nvcc(ROOT / "csrc" / "cuda" / "batch_norm.cu")
     assert result.returncode == 0, result.stderr
+    ptx = folder / "batch_norm.compute_90.ptx"
     functions = re.split(r"^\.visible \.entry ", ptx.read_text(), flags=re.M)[1:]
     for fragment in NESTED_STEP_LOOPS:
         bodies = [f for f in functions if fragment in f.split("(", 1)[0]]
