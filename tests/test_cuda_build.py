@@ -1,6 +1,6 @@
 """Every csrc/cuda/*.cu compiles with plain nvcc (no torch headers) for sm_80 and
 sm_90, without a warning and without spilling registers, so CUDA sources are
-checked on machines with no GPU; and the PTX keeps a loop that one nvcc release dropped."""
+checked on machines with no GPU; and the PTX keeps what nvcc once did not: a loop, whole stores."""
 import pathlib
 import re
 import shutil
@@ -79,3 +79,28 @@ def test_step_loops_stay_nested(nvcc):
         bodies = [f for f in functions if fragment in f.split("(", 1)[0]]
         assert len(bodies) == 1, f"{fragment}: expected one kernel, found {len(bodies)}"
         assert loop_depth(bodies[0]) >= 2, f"{fragment}: the loop over n is gone from the PTX"
+
+
+# Kernels that write (N, C, L) tensors: kind, element type (mangled) and VEC, from the mangled name.
+TENSOR_WRITERS = re.compile(r"bn_(?:forward|grad_sums|backward)(?:_resident)?_kernelI"
+                            r"(6__half|13__nv_bfloat16|f|d)\w*?Lb[01]ELi(\d+)E")
+ELEMENT_BYTES = {"6__half": 2, "13__nv_bfloat16": 2, "f": 4, "d": 8}
+
+
+@needs_nvcc
+def test_tensor_stores_are_whole(nvcc):
+    """Each 16-byte item a thread writes is one st.global.v4 (store_whole): nvcc 13.0 stored a Vec
+    assigned as a struct element by element, 8 stores of 2 bytes for 8 bf16."""
+    result, folder = nvcc(ROOT / "csrc" / "cuda" / "batch_norm.cu")
+    assert result.returncode == 0, result.stderr
+    ptx = (folder / "batch_norm.compute_90.ptx").read_text()
+    checked = 0
+    for function in re.split(r"^\.visible \.entry ", ptx, flags=re.M)[1:]:
+        name = function.split("(", 1)[0]
+        match = TENSOR_WRITERS.search(name)
+        if not match or ELEMENT_BYTES[match.group(1)] * int(match.group(2)) != 16:
+            continue
+        stores = re.findall(r"\bst\.global\.wb(\S*)", function)
+        assert stores and set(stores) == {".v4.u32"}, f"{name}: item stores {sorted(set(stores))}"
+        checked += 1
+    assert checked >= 40, f"found {checked} kernels with 16-byte items"

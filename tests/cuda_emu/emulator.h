@@ -152,6 +152,10 @@ template <typename T>
 T __ldcg(const T* address) {
   return *address;
 }
+template <typename T>
+void __stwb(T* address, T value) {
+  *address = value;
+}
 inline void __nanosleep(unsigned) { ::cuda_emu::spin_wait(); }
 
 inline cudaError_t cudaMemsetAsync(void* dst, int value, std::size_t bytes, cudaStream_t = nullptr) {

@@ -33,6 +33,14 @@ struct uint3 {
   unsigned x, y, z;
 };
 
+// The vector types (<vector_types.h>) the kernels move bits in.
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
