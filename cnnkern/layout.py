@@ -1,5 +1,5 @@
 """The (N, C, L) strided view every kernel reads tensors through (as csrc/bn_checks.h)."""
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 from torch import Tensor
 
@@ -16,7 +16,11 @@ class Strided3d(NamedTuple):
 def try_view3d(t: Tensor) -> Optional[Strided3d]:
     """`t` (dim >= 2) as (N, C, L) with one stride per dim, or None when its spatial
     dims cannot be addressed with one stride (e.g. x[:, :, ::2, :])."""
-    shape, strides = t.shape, t.stride()  # each call builds a new tuple: once per view (host time)
+    return strided3d(t.shape, t.stride())
+
+
+def strided3d(shape: Sequence[int], strides: Sequence[int]) -> Optional[Strided3d]:
+    """try_view3d of a tensor of this shape and these strides."""
     L, sL = 1, 1
     inner_seen = False
     for size, stride in zip(reversed(shape[2:]), reversed(strides[2:])):
@@ -31,11 +35,17 @@ def try_view3d(t: Tensor) -> Optional[Strided3d]:
 
 
 def view3d(t: Tensor, name: str = "tensor") -> Strided3d:
-    v = try_view3d(t)
+    """try_view3d, or a ValueError naming the tensor."""
+    return view3d_of(t.shape, t.stride(), name)
+
+
+def view3d_of(shape: Sequence[int], strides: Sequence[int], name: str = "tensor") -> Strided3d:
+    """view3d of a tensor of this shape and these strides."""
+    v = strided3d(shape, strides)
     if v is None:
         raise ValueError(
-            f"{name}: spatial dims must collapse into one strided dim (sizes {tuple(t.shape)}, "
-            f"strides {t.stride()}); pass a contiguous or channels_last tensor"
+            f"{name}: spatial dims must collapse into one strided dim (sizes {tuple(shape)}, "
+            f"strides {tuple(strides)}); pass a contiguous or channels_last tensor"
         )
     return v
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from cnnkern.layout import view3d  # noqa: E402
 from cnnkern.triton import batch_norm  # noqa: E402
 
 # (shape, layout of input, layout of the residual): ResNet-50's shapes, and mixed layouts,
@@ -30,9 +29,9 @@ def meta_tensor(shape, dtype, layout):
 @pytest.mark.parametrize("shape,layout,residual_layout", CASES, ids=lambda c: str(c).replace(" ", ""))
 def test_tiles_fill_the_threads(shape, layout, residual_layout, merges_partials, dtype):
     x, r = meta_tensor(shape, dtype, layout), meta_tensor(shape, dtype, residual_layout)
-    views = (("input", view3d(x, "input")), ("residual", view3d(r, "residual")))
+    geometry = (("input", (x.shape, x.stride())), ("residual", (r.shape, r.stride())))
     acc_bytes = 8 if dtype == torch.float64 else 4
-    plan = batch_norm._plan_views(views, acc_bytes, 132, merges_partials)
+    plan = batch_norm._plan_geometry(geometry, acc_bytes, 132, merges_partials)
     block_l, block_c = plan.meta["BLOCK_L"], plan.meta["BLOCK_C"]
     assert block_l * block_c * acc_bytes <= batch_norm._TILE_BYTES
     # One value per thread, unless the channels or a sample's positions are fewer.

@@ -26,14 +26,14 @@ All arithmetic happens in ACC_DTYPE: float64 for float64 input, else float32.
 import functools
 import math
 import types
-from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..layout import Strided3d, view3d
+from ..layout import Strided3d, view3d, view3d_of
 from ..reference import stat_dtype
 
 __all__ = ["bn_forward_train", "bn_forward_eval", "bn_backward", "view3d"]
@@ -420,7 +420,7 @@ def _merged_stride_l(v: Strided3d) -> Optional[int]:
 
 class _Plan(NamedTuple):
     """How one call's (N, C, L) tensors are cut into tiles and programs, as the launches take it.
-    Everything is computed once per geometry (_plan_views is cached): a call only unpacks it.
+    Everything is computed once per geometry (_plan_geometry is cached): a call only unpacks it.
     (In Triton 3.9, triton.cdiv and next_power_of_2 are constexpr functions: about 2 us per host call
     on the project's CPU machine.)"""
 
@@ -439,14 +439,18 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
     program of the second pass reads all partials of its channels, which caps the splits.
     Plans are cached by geometry: planning costs more host time than some of the kernels take."""
     input = tensors["input"]
-    views = tuple((name, None if t is None else view3d(t, name)) for name, t in tensors.items())
-    return _plan_views(views, stat_dtype(input.dtype).itemsize, _sm_count(input.device), merges_partials)
+    geometry = tuple((name, None if t is None else (t.shape, t.stride())) for name, t in tensors.items())
+    return _plan_geometry(geometry, stat_dtype(input.dtype).itemsize, _sm_count(input.device), merges_partials)
+
+
+Geometry = Tuple[Tuple[str, Optional[Tuple[Sequence[int], Sequence[int]]]], ...]  # (name, (shape, strides) or None)
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_views(named_views: Tuple[Tuple[str, Optional[Strided3d]], ...], acc_itemsize: int, sms: int,
-                merges_partials: bool) -> _Plan:
-    """_plan over the tensors' (N, C, L) views, on a device of `sms` multiprocessors."""
+def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_partials: bool) -> _Plan:
+    """_plan for tensors of these shapes and strides (the cache key: read off the tensors, they
+    cost a third of their (N, C, L) views), on a device of `sms` multiprocessors."""
+    named_views = [(name, None if g is None else view3d_of(*g, name)) for name, g in geometry]
     views = {name: v for name, v in named_views if v is not None}
     tile = _TILE_BYTES // acc_itemsize  # elements per tile
     N, C, L = views["input"].N, views["input"].C, views["input"].L
