@@ -84,11 +84,12 @@ def _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def _welford_merge(count, mean, m2):
-    """The (count, mean, M2) summary of the rows of [R, BLOCK_C] summaries (empty rows, of
-    count 0, add nothing): the pooled mean, and M2 as the rows' M2 plus their spread about
-    it (Chan et al.'s merge, for R groups at once). Plain sums, not a tl.reduce over a
-    pairwise combine: the same on the GPU, and the interpreter evaluates a custom combine
-    element by element in Python, 30x the time of the whole kernel otherwise."""
+    """The (count, mean, M2) summary, per channel, of the rows of [R, BLOCK_C] summaries whose
+    counts, one per row, are `count` ([R, 1]; empty rows, of count 0, add nothing): the pooled
+    mean, and M2 as the rows' M2 plus their spread about it (Chan et al.'s merge, for R groups
+    at once). Plain sums, not a tl.reduce over a pairwise combine: the same on the GPU, and
+    the interpreter evaluates a custom combine element by element in Python (30x the time of
+    the rest of the kernel). The total count is [1]."""
     total = tl.sum(count, 0)
     pooled = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
     spread = mean - pooled[None, :]
@@ -131,9 +132,9 @@ def _bn_stats_kernel(
         delta = x - mean
         mean += delta * tl.where(l_ok, 1.0 / tl.maximum(count, 1.0), 0.0)  # rows past L stay as they are
         m2 += tl.where(l_ok, delta * (x - mean), 0.0)
-    count, mean, m2 = _welford_merge(tl.broadcast_to(count, [BLOCK_L, BLOCK_C]), mean, m2)
+    count, mean, m2 = _welford_merge(count, mean, m2)
     out = partials_ptr + split * C + channels
-    tl.store(out, count, mask=c_ok)
+    tl.store(out, tl.broadcast_to(count, [BLOCK_C]), mask=c_ok)
     tl.store(out + num_splits * C, mean, mask=c_ok)
     tl.store(out + 2 * num_splits * C, m2, mask=c_ok)
 
@@ -190,9 +191,11 @@ def _bn_fwd_kernel(
         splits = tl.arange(0, SPLITS_BLOCK)[:, None]
         partials = partials_ptr + splits * C + channels[None, :]
         p_mask = (splits < num_splits) & c_ok[None, :]
-        count, mean_from_pivot, m2 = _welford_merge(tl.load(partials, mask=p_mask, other=0.0),
-                                                    tl.load(partials + num_splits * C, mask=p_mask, other=0.0),
-                                                    tl.load(partials + 2 * num_splits * C, mask=p_mask, other=0.0))
+        # A split's count is the same for all its channels: channel c_start's serves.
+        counts = tl.load(partials_ptr + splits * C + c_start, mask=splits < num_splits, other=0.0)
+        _, mean_from_pivot, m2 = _welford_merge(counts,
+                                                tl.load(partials + num_splits * C, mask=p_mask, other=0.0),
+                                                tl.load(partials + 2 * num_splits * C, mask=p_mask, other=0.0))
         pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)
         invstd = 1.0 / tl.sqrt(m2 / M + eps)
         if split == 0:
