@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <numeric>
 #include <random>
@@ -418,6 +419,12 @@ void syncthreads(const char* file, int line) {
 }
 
 void spin_wait() { yield(State::kSpinning); }
+
+void misaligned(const void* address, std::size_t bytes) {
+  char where[32];
+  std::snprintf(where, sizeof(where), "%p", address);
+  fail(*t_block, "misaligned address: a " + std::to_string(bytes) + "-byte store at " + where);
+}
 
 
 void shuffle(const void* value, void* out, std::size_t bytes, unsigned mask, int src_lane) {

@@ -21,8 +21,9 @@
 // plain memory operations. Dynamic shared memory and kernel outputs start as all-ones bytes
 // (NaN), so a value read before any thread writes it shows. Launches check the block size, grid
 // size and dynamic shared memory (48 KB unless cudaFuncSetAttribute raised it, up to the device's
-// opt-in limit), and a cooperative grid against the occupancy. What the emulator cannot show:
-// timing, memory-model races between barriers, misaligned vector accesses, registers.
+// opt-in limit), and a cooperative grid against the occupancy; the stores of __stwb, the
+// alignment a GPU requires of them. What the emulator cannot show: timing, memory-model races
+// between barriers, misaligned loads and plain stores, registers.
 //
 // The emulated device (use_device in the Python module) has a number of SMs, an L2 size and
 // shared memory limits; occupancy is limited by threads (2048 per SM) and shared memory only.
@@ -34,6 +35,7 @@
 #pragma once
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <tuple>
@@ -52,6 +54,8 @@ int lane();
 
 // A spin wait's pause (__nanosleep): lets the other threads of the grid run first.
 void spin_wait();
+// Fails the launch: an access of `bytes` at `address`, not aligned to them, which faults on a GPU.
+void misaligned(const void* address, std::size_t bytes);
 // The running block's dynamic shared memory.
 void* dynamic_shared();
 
@@ -154,6 +158,7 @@ T __ldcg(const T* address) {
 }
 template <typename T>
 void __stwb(T* address, T value) {
+  if (reinterpret_cast<std::uintptr_t>(address) % alignof(T) != 0) return ::cuda_emu::misaligned(address, sizeof(T));
   *address = value;
 }
 inline void __nanosleep(unsigned) { ::cuda_emu::spin_wait(); }

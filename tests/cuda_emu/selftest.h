@@ -1,5 +1,5 @@
 // The emulator's self-test kernels (selftest.cu), by name: block_sums, divergent_barrier,
-// exit_before_barrier, shuffle_after_exit, missing_barrier; spin_meeting (cooperative, blocks
+// exit_before_barrier, shuffle_after_exit, missing_barrier, misaligned_store; spin_meeting (cooperative, blocks
 // meet at a counter), spin_deadlock (wait for one block more than there are), spin_uncooperative
 // (a plain launch); grid_rotate (cooperative, meetings and 64 KB of dynamic shared memory),
 // grid_rotate_unraised (without raising the kernel's shared memory limit). `in` holds
