@@ -81,26 +81,30 @@ def test_step_loops_stay_nested(nvcc):
         assert loop_depth(bodies[0]) >= 2, f"{fragment}: the loop over n is gone from the PTX"
 
 
-# Kernels that write (N, C, L) tensors: kind, element type (mangled) and VEC, from the mangled name.
-TENSOR_WRITERS = re.compile(r"bn_(?:forward|grad_sums|backward)(?:_resident)?_kernelI"
+# Kernels that read (N, C, L) tensors, all but the stats kernel writing some too: element type
+# (mangled) and VEC, from the mangled name.
+TENSOR_KERNELS = re.compile(r"bn_(stats|forward|grad_sums|backward)(?:_resident)?_kernelI"
                             r"(6__half|13__nv_bfloat16|f|d)\w*?Lb[01]ELi(\d+)E")
 ELEMENT_BYTES = {"6__half": 2, "13__nv_bfloat16": 2, "f": 4, "d": 8}
 
 
 @needs_nvcc
-def test_tensor_stores_are_whole(nvcc):
-    """Each 16-byte item a thread writes is one st.global.v4 (store_whole): nvcc 13.0 stored a Vec
-    assigned as a struct element by element, 8 stores of 2 bytes for 8 bf16."""
+def test_tensor_accesses_are_whole(nvcc):
+    """Each 16-byte item a thread reads or writes is one ld.global.ca.v4 / st.global.wb.v4
+    (load_whole, store_whole): nvcc 13.0 stored a Vec assigned as a struct element by element,
+    8 stores of 2 bytes for 8 bf16."""
     result, folder = nvcc(ROOT / "csrc" / "cuda" / "batch_norm.cu")
     assert result.returncode == 0, result.stderr
     ptx = (folder / "batch_norm.compute_90.ptx").read_text()
     checked = 0
     for function in re.split(r"^\.visible \.entry ", ptx, flags=re.M)[1:]:
         name = function.split("(", 1)[0]
-        match = TENSOR_WRITERS.search(name)
-        if not match or ELEMENT_BYTES[match.group(1)] * int(match.group(2)) != 16:
+        match = TENSOR_KERNELS.search(name)
+        if not match or ELEMENT_BYTES[match.group(2)] * int(match.group(3)) != 16:
             continue
-        stores = re.findall(r"\bst\.global\.wb(\S*)", function)
-        assert stores and set(stores) == {".v4.u32"}, f"{name}: item stores {sorted(set(stores))}"
+        accesses = ("ld.global.ca",) if match.group(1) == "stats" else ("ld.global.ca", "st.global.wb")
+        for access in accesses:
+            kinds = set(re.findall(rf"\b{re.escape(access)}(\S*)", function))
+            assert kinds == {".v4.u32"}, f"{name}: {access}{sorted(kinds)}"
         checked += 1
     assert checked >= 40, f"found {checked} kernels with 16-byte items"

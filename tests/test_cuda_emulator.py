@@ -29,6 +29,7 @@ def test_selftest_block_sums(cuda_emulator):
     ("exit_before_barrier",
      "64 threads exited while the other 64 wait at __syncthreads() (tests/cuda_emu/selftest.cu:"),
     ("shuffle_after_exit", "warp 0: 31 lanes wait at a full-warp shuffle"),
+    ("misaligned_load", "misaligned address: a 16-byte load at "),
     ("misaligned_store", "misaligned address: a 16-byte store at "),
 ])
 def test_selftest_broken_kernels_fail_the_launch(cuda_emulator, kernel, message):

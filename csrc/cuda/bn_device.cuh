@@ -154,18 +154,6 @@ __device__ __forceinline__ void for_each_step(const Tile& t, Visit&& visit) {
   }
 }
 
-// Loads a step's items (n, i + u * i_stride), u < count, of tensor `base` (view v); the items past
-// `count` are zero. Items stay in T until used: half the registers of converting them up front.
-template <int U, int VEC, typename T, class Tile>
-__device__ __forceinline__ void load_step(const T* base, const Strided3d& v, const Tile& t, int64_t n, int64_t i,
-                                          int count, Vec<T, VEC> (&items)[U]) {
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    items[u] = u < count ? *reinterpret_cast<const Vec<T, VEC>*>(base + t.offset(v, n, i + u * t.i_stride))
-                         : Vec<T, VEC>{};
-  }
-}
-
 // The unsigned word (CUDA vector type) of a Vec's size.
 template <int Bytes>
 struct WordOf;
@@ -185,6 +173,30 @@ template <>
 struct WordOf<16> {
   using type = uint4;
 };
+
+// Loads the Vec at `p` (aligned to its size) in one instruction: __ldca of the word type
+// (ld.global.ca.v4.u32 for 16 bytes; .ca is the default caching). Plain reads of the Vec
+// were whole too; the intrinsic keeps them so whatever the compiler does to stores (see
+// store_whole), and the CPU emulator checks its alignment.
+template <int VEC, typename T>
+__device__ __forceinline__ Vec<T, VEC> load_whole(const T* p) {
+  using Word = typename WordOf<sizeof(Vec<T, VEC>)>::type;
+  const Word word = __ldca(reinterpret_cast<const Word*>(p));
+  Vec<T, VEC> item;
+  memcpy(&item, &word, sizeof(item));
+  return item;
+}
+
+// Loads a step's items (n, i + u * i_stride), u < count, of tensor `base` (view v); the items past
+// `count` are zero. Items stay in T until used: half the registers of converting them up front.
+template <int U, int VEC, typename T, class Tile>
+__device__ __forceinline__ void load_step(const T* base, const Strided3d& v, const Tile& t, int64_t n, int64_t i,
+                                          int count, Vec<T, VEC> (&items)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    items[u] = u < count ? load_whole<VEC>(base + t.offset(v, n, i + u * t.i_stride)) : Vec<T, VEC>{};
+  }
+}
 
 // Stores `item` at `p` (aligned to its size) in one instruction. Assigned as a struct, it was
 // stored in pieces by every kernel (nvcc 13.0, sm_90 PTX: 8 st.global.u16 for 8 bf16, 4

@@ -420,10 +420,10 @@ void syncthreads(const char* file, int line) {
 
 void spin_wait() { yield(State::kSpinning); }
 
-void misaligned(const void* address, std::size_t bytes) {
+void misaligned(const char* access, const void* address, std::size_t bytes) {
   char where[32];
   std::snprintf(where, sizeof(where), "%p", address);
-  fail(*t_block, "misaligned address: a " + std::to_string(bytes) + "-byte store at " + where);
+  fail(*t_block, "misaligned address: a " + std::to_string(bytes) + "-byte " + access + " at " + where);
 }
 
 

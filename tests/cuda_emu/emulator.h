@@ -21,9 +21,10 @@
 // plain memory operations. Dynamic shared memory and kernel outputs start as all-ones bytes
 // (NaN), so a value read before any thread writes it shows. Launches check the block size, grid
 // size and dynamic shared memory (48 KB unless cudaFuncSetAttribute raised it, up to the device's
-// opt-in limit), and a cooperative grid against the occupancy; the stores of __stwb, the
-// alignment a GPU requires of them. What the emulator cannot show: timing, memory-model races
-// between barriers, misaligned loads and plain stores, registers.
+// opt-in limit), and a cooperative grid against the occupancy; the loads of __ldca and stores
+// of __stwb (the kernels' tensor accesses), the alignment a GPU requires of them. What the
+// emulator cannot show: timing, memory-model races between barriers, misaligned plain accesses,
+// registers.
 //
 // The emulated device (use_device in the Python module) has a number of SMs, an L2 size and
 // shared memory limits; occupancy is limited by threads (2048 per SM) and shared memory only.
@@ -54,8 +55,13 @@ int lane();
 
 // A spin wait's pause (__nanosleep): lets the other threads of the grid run first.
 void spin_wait();
-// Fails the launch: an access of `bytes` at `address`, not aligned to them, which faults on a GPU.
-void misaligned(const void* address, std::size_t bytes);
+// Fails the launch: a load or store (`access`) of `bytes` at `address`, not aligned to them,
+// which faults on a GPU.
+void misaligned(const char* access, const void* address, std::size_t bytes);
+template <typename T>
+bool aligned(const T* address) {
+  return reinterpret_cast<std::uintptr_t>(address) % alignof(T) == 0;
+}
 // The running block's dynamic shared memory.
 void* dynamic_shared();
 
@@ -157,8 +163,13 @@ T __ldcg(const T* address) {
   return *address;
 }
 template <typename T>
+T __ldca(const T* address) {
+  if (!::cuda_emu::aligned(address)) return ::cuda_emu::misaligned("load", address, sizeof(T)), T{};
+  return *address;
+}
+template <typename T>
 void __stwb(T* address, T value) {
-  if (reinterpret_cast<std::uintptr_t>(address) % alignof(T) != 0) return ::cuda_emu::misaligned(address, sizeof(T));
+  if (!::cuda_emu::aligned(address)) return ::cuda_emu::misaligned("store", address, sizeof(T));
   *address = value;
 }
 inline void __nanosleep(unsigned) { ::cuda_emu::spin_wait(); }

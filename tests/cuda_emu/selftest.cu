@@ -45,7 +45,10 @@ __global__ void shuffle_after_exit(const float*, float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
 }
 
-// A 16-byte store 4 bytes past an aligned address.
+// A 16-byte load, then a store, 4 bytes past an aligned address.
+__global__ void misaligned_load(const float* in, float* out) {
+  if (threadIdx.x == 0) out[0] = float(__ldca(reinterpret_cast<const uint4*>(in + 1)).x);
+}
 __global__ void misaligned_store(const float*, float* out) {
   if (threadIdx.x == 0) __stwb(reinterpret_cast<uint4*>(out + 1), uint4{});
 }
@@ -126,6 +129,7 @@ cudaError_t cuda_emu_selftest(const char* kernel, const float* in, float* out, u
   if (std::strcmp(kernel, "exit_before_barrier") == 0) k = exit_before_barrier;
   if (std::strcmp(kernel, "shuffle_after_exit") == 0) k = shuffle_after_exit;
   if (std::strcmp(kernel, "missing_barrier") == 0) k = missing_barrier;
+  if (std::strcmp(kernel, "misaligned_load") == 0) k = misaligned_load;
   if (std::strcmp(kernel, "misaligned_store") == 0) k = misaligned_store;
   if (std::strcmp(kernel, "grid_rotate") == 0) return launch_grid_rotate<0>(in, out, blocks, threads, true);
   if (std::strcmp(kernel, "grid_rotate_unraised") == 0) return launch_grid_rotate<1>(in, out, blocks, threads, false);
