@@ -34,13 +34,8 @@ def strided3d(shape: Sequence[int], strides: Sequence[int]) -> Optional[Strided3
     return Strided3d(shape[0], shape[1], L, strides[0], strides[1], sL)
 
 
-def view3d(t: Tensor, name: str = "tensor") -> Strided3d:
-    """try_view3d, or a ValueError naming the tensor."""
-    return view3d_of(t.shape, t.stride(), name)
-
-
 def view3d_of(shape: Sequence[int], strides: Sequence[int], name: str = "tensor") -> Strided3d:
-    """view3d of a tensor of this shape and these strides."""
+    """strided3d, or a ValueError naming the tensor."""
     v = strided3d(shape, strides)
     if v is None:
         raise ValueError(

@@ -1,6 +1,6 @@
 """Triton kernels of the batch-norm family: y = act(batch_norm(x) + residual), and its backward.
 
-Every tensor is read as (N, C, L) through its own strides (`view3d`), so NCHW,
+Every tensor is read as (N, C, L) through its own strides (`layout.strided3d`), so NCHW,
 channels_last, channel slices of a larger buffer and stride-0 gradients all run
 without a copy. Program (c_block, split) of every kernel handles channels
 [c_block * BLOCK_C, +BLOCK_C) and a contiguous range of [BLOCK_L, BLOCK_C] tiles,
@@ -33,10 +33,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..layout import Strided3d, view3d, view3d_of
+from ..layout import Strided3d, view3d_of
 from ..reference import stat_dtype
 
-__all__ = ["bn_forward_train", "bn_forward_eval", "bn_backward", "view3d"]
+__all__ = ["bn_forward_train", "bn_forward_eval", "bn_backward"]
 
 
 # ---- kernels ----------------------------------------------------------------------

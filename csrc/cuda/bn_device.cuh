@@ -201,7 +201,7 @@ __device__ __forceinline__ void load_step(const T* base, const Strided3d& v, con
 // Stores `item` at `p` (aligned to its size) in one instruction. Assigned as a struct, it was
 // stored in pieces by every kernel (nvcc 13.0, sm_90 PTX: 8 st.global.u16 for 8 bf16, 4
 // st.global.f32 for 4 float), each moving 2 or 4 of a thread's 16 bytes; __stwb of the word
-// type (st.global.wb.v4.u32 for 16 bytes) is one store. Loads were whole already (load_step).
+// type (st.global.wb.v4.u32 for 16 bytes) is one store, as load_whole is one load.
 template <typename T, int VEC>
 __device__ __forceinline__ void store_whole(T* p, const Vec<T, VEC>& item) {
   using Word = typename WordOf<sizeof(item)>::type;
