@@ -118,20 +118,32 @@ def _bn_stats_kernel(
     pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)[None, :]
     # Welford per lane on x - pivot: each lane folds in one value per tile, and the lanes
     # merge at the end (unlike plain sums, robust even to a pivot far out in the tail).
-    # All lanes of a row see the same positions, so they share one count.
-    count = tl.zeros([BLOCK_L, 1], ACC_DTYPE)
+    # All lanes of a row see the same positions, so they share one count; and a row misses
+    # a tile only where the tile is a sample's last L-block and the row lies past L. So two
+    # scalar counts give every row's: the per-row work is a select, not a division, and
+    # the update per value is three FMAs and two adds (it was twice that).
+    tail_rows = (tl.arange(0, BLOCK_L) < L - (l_blocks - 1) * BLOCK_L)[:, None]  # rows of a last L-block
+    tiles = tl.zeros([], ACC_DTYPE)  # tiles folded in so far
+    last_blocks = tl.zeros([], ACC_DTYPE)  # of them, samples' last L-blocks
     mean = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
     m2 = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
     first_tile = split * tiles_per_split
     for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, num_tiles)):
         n, l_start, l_ok = _tile(tile, l_blocks, L, BLOCK_L)
-        mask = l_ok & c_ok[None, :]
         x = tl.load(_tile_ptrs(x_ptr, n, l_start, c_start, x_stride_n, x_stride_c, x_stride_l, BLOCK_L, BLOCK_C),
-                    mask=mask, other=0.0).to(ACC_DTYPE) - pivot
-        count += l_ok.to(ACC_DTYPE)
+                    mask=l_ok & c_ok[None, :], other=0.0).to(ACC_DTYPE) - pivot
+        is_last = l_start + BLOCK_L >= L
+        tiles += 1.0
+        last_blocks += is_last.to(ACC_DTYPE)
+        # 1 / the row's count: rows of a last L-block have seen every tile, the others all but
+        # the last L-blocks; 0 for rows past L (their mean stays as it is).
+        other_weight = tl.where(is_last, 0.0, 1.0 / tl.maximum(tiles - last_blocks, 1.0))
+        weight = tl.where(tail_rows, 1.0 / tiles, other_weight)
+        # M2 += delta * (x - new mean) = delta^2 * (1 - weight); nothing for rows past L.
         delta = x - mean
-        mean += delta * tl.where(l_ok, 1.0 / tl.maximum(count, 1.0), 0.0)  # rows past L stay as they are
-        m2 += tl.where(l_ok, delta * (x - mean), 0.0)
+        mean += delta * weight
+        m2 += delta * delta * tl.where(l_ok, 1.0 - weight, 0.0)
+    count = tl.where(tail_rows, tiles, tiles - last_blocks)
     count, mean, m2 = _welford_merge(count, mean, m2)
     out = partials_ptr + split * C + channels
     tl.store(out, tl.broadcast_to(count, [BLOCK_C]), mask=c_ok)
