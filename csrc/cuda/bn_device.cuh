@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda/word_access.cuh"
 #include "strided3d.h"
 
 namespace cnnkern::cuda::bn {
@@ -174,14 +175,13 @@ struct WordOf<16> {
   using type = uint4;
 };
 
-// Loads the Vec at `p` (aligned to its size) in one instruction: __ldca of the word type
-// (ld.global.ca.v4.u32 for 16 bytes; .ca is the default caching). Plain reads of the Vec
-// were whole too; the intrinsic keeps them so whatever the compiler does to stores (see
-// store_whole), and the CPU emulator checks its alignment.
+// Loads the Vec at `p` (aligned to its size) in one instruction, as one word (ld.global.v4.u32
+// for 16 bytes). Plain reads of the Vec were whole too; the word keeps them so whatever the
+// compiler does to stores (see store_whole).
 template <int VEC, typename T>
 __device__ __forceinline__ Vec<T, VEC> load_whole(const T* p) {
   using Word = typename WordOf<sizeof(Vec<T, VEC>)>::type;
-  const Word word = __ldca(reinterpret_cast<const Word*>(p));
+  const Word word = load_word(reinterpret_cast<const Word*>(p));
   Vec<T, VEC> item;
   memcpy(&item, &word, sizeof(item));
   return item;
@@ -200,14 +200,14 @@ __device__ __forceinline__ void load_step(const T* base, const Strided3d& v, con
 
 // Stores `item` at `p` (aligned to its size) in one instruction. Assigned as a struct, it was
 // stored in pieces by every kernel (nvcc 13.0, sm_90 PTX: 8 st.global.u16 for 8 bf16, 4
-// st.global.f32 for 4 float), each moving 2 or 4 of a thread's 16 bytes; __stwb of the word
-// type (st.global.wb.v4.u32 for 16 bytes) is one store, as load_whole is one load.
+// st.global.f32 for 4 float), each moving 2 or 4 of a thread's 16 bytes; a store of the word
+// type (st.global.v4.u32 for 16 bytes) is one, as load_whole is one load.
 template <typename T, int VEC>
 __device__ __forceinline__ void store_whole(T* p, const Vec<T, VEC>& item) {
   using Word = typename WordOf<sizeof(item)>::type;
   Word word;
   memcpy(&word, &item, sizeof(item));
-  __stwb(reinterpret_cast<Word*>(p), word);
+  store_word(reinterpret_cast<Word*>(p), word);
 }
 
 // Stores a step's items u < count to tensor `base` (view v).

@@ -21,8 +21,8 @@
 // plain memory operations. Dynamic shared memory and kernel outputs start as all-ones bytes
 // (NaN), so a value read before any thread writes it shows. Launches check the block size, grid
 // size and dynamic shared memory (48 KB unless cudaFuncSetAttribute raised it, up to the device's
-// opt-in limit), and a cooperative grid against the occupancy; the loads of __ldca and stores
-// of __stwb (the kernels' tensor accesses), the alignment a GPU requires of them. What the
+// opt-in limit), and a cooperative grid against the occupancy; the kernels' tensor accesses
+// (load_word and store_word: include/cuda/word_access.cuh), the alignment a GPU requires of them. What the
 // emulator cannot show: timing, memory-model races between barriers, misaligned plain accesses,
 // registers.
 //
@@ -161,16 +161,6 @@ inline void __threadfence() {}
 template <typename T>
 T __ldcg(const T* address) {
   return *address;
-}
-template <typename T>
-T __ldca(const T* address) {
-  if (!::cuda_emu::aligned(address)) return ::cuda_emu::misaligned("load", address, sizeof(T)), T{};
-  return *address;
-}
-template <typename T>
-void __stwb(T* address, T value) {
-  if (!::cuda_emu::aligned(address)) return ::cuda_emu::misaligned("store", address, sizeof(T));
-  *address = value;
 }
 inline void __nanosleep(unsigned) { ::cuda_emu::spin_wait(); }
 

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cuda/cooperative_launch.h"
+#include "cuda/word_access.cuh"
 #include "selftest.h"
 
 namespace {
@@ -47,10 +48,10 @@ __global__ void shuffle_after_exit(const float*, float* out) {
 
 // A 16-byte load, then a store, 4 bytes past an aligned address.
 __global__ void misaligned_load(const float* in, float* out) {
-  if (threadIdx.x == 0) out[0] = float(__ldca(reinterpret_cast<const uint4*>(in + 1)).x);
+  if (threadIdx.x == 0) out[0] = float(cnnkern::cuda::load_word(reinterpret_cast<const uint4*>(in + 1)).x);
 }
 __global__ void misaligned_store(const float*, float* out) {
-  if (threadIdx.x == 0) __stwb(reinterpret_cast<uint4*>(out + 1), uint4{});
+  if (threadIdx.x == 0) cnnkern::cuda::store_word(reinterpret_cast<uint4*>(out + 1), uint4{});
 }
 
 // out[b * 128 + t] should be what thread t + 1 stored, but no barrier orders the store before the
