@@ -132,12 +132,22 @@ struct ThreadTile {
   }
 };
 
+// The count of a step that has all U items, as a compile-time constant (see for_each_step).
+template <int U>
+struct FullStep {
+  __host__ __device__ constexpr operator int() const { return U; }
+};
+
 // Calls visit(n, i, count) for each step of the thread's tile: the items i + u * i_stride for
 // u < count <= U (count < U only for the last step of an n); last to first when Tile::backwards.
+// kWholeSteps: a whole step's count is FullStep<U>, an int otherwise, so visit is compiled twice and
+// the whole steps, nearly all of them on large tensors, run without the tests and selects of items
+// past count: on sm_90, 35-50% fewer instructions a whole step in every two-pass kernel (e.g.
+// 434 -> 251 in the bf16 NCHW stats kernel, 860 -> 542 in the bf16 NCHW backward).
 // Each loop tests only the bound it moves towards, on purpose: nvcc 13.0 -O3 ran a loop written
 // `for (n = first; n >= first && n <= last; n += step)`, with a step of 1 known at compile time
 // (along C), only once, skipping every n after the first (seen on an H200; no back edge in the PTX).
-template <int U, class Tile, class Visit>
+template <int U, bool kWholeSteps = true, class Tile, class Visit>
 __device__ __forceinline__ void for_each_step(const Tile& t, Visit&& visit) {
   if (!t.channel_ok || t.n_begin >= t.n_end || t.i_begin >= t.i_end) return;
   const int64_t i_step = U * t.i_stride;
@@ -150,7 +160,11 @@ __device__ __forceinline__ void for_each_step(const Tile& t, Visit&& visit) {
       int count = 0;
 #pragma unroll
       for (int u = 0; u < U; ++u) count += i + u * t.i_stride < t.i_end;
-      visit(n, i, count);
+      if (kWholeSteps && count == U) {
+        visit(n, i, FullStep<U>{});
+      } else {
+        visit(n, i, count);
+      }
     }
   }
 }
@@ -189,9 +203,9 @@ __device__ __forceinline__ Vec<T, VEC> load_whole(const T* p) {
 
 // Loads a step's items (n, i + u * i_stride), u < count, of tensor `base` (view v); the items past
 // `count` are zero. Items stay in T until used: half the registers of converting them up front.
-template <int U, int VEC, typename T, class Tile>
+template <int U, int VEC, typename T, class Tile, typename Count>
 __device__ __forceinline__ void load_step(const T* base, const Strided3d& v, const Tile& t, int64_t n, int64_t i,
-                                          int count, Vec<T, VEC> (&items)[U]) {
+                                          Count count, Vec<T, VEC> (&items)[U]) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     items[u] = u < count ? load_whole<VEC>(base + t.offset(v, n, i + u * t.i_stride)) : Vec<T, VEC>{};
@@ -211,8 +225,8 @@ __device__ __forceinline__ void store_whole(T* p, const Vec<T, VEC>& item) {
 }
 
 // Stores a step's items u < count to tensor `base` (view v).
-template <int U, int VEC, typename T, class Tile>
-__device__ __forceinline__ void store_step(T* base, const Strided3d& v, const Tile& t, int64_t n, int64_t i, int count,
+template <int U, int VEC, typename T, class Tile, typename Count>
+__device__ __forceinline__ void store_step(T* base, const Strided3d& v, const Tile& t, int64_t n, int64_t i, Count count,
                                            const Vec<T, VEC> (&items)[U]) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
@@ -373,23 +387,29 @@ __device__ Acc merge_partials(const Partials& partials, int num_splits, int64_t 
 }
 
 // Statistics of one step's items u < count (per channel, VEC / K values of each item), two-pass
-// over registers. The mean sums x - shift, shift being one of the values, so that the sum stays
-// small (no rounding at the scale of |mean|) when |mean| >> std.
-template <int K, int U, int VEC, typename T>
-__device__ __forceinline__ Welford<acc_t<T>, K> step_stats(const Vec<T, VEC> (&x)[U], int count) {
+// over registers, converted to A once for both. The mean sums x - shift, shift being one of the
+// values, so that the sum stays small (no rounding at the scale of |mean|) when |mean| >> std.
+template <int K, int U, int VEC, typename T, typename Count>
+__device__ __forceinline__ Welford<acc_t<T>, K> step_stats(const Vec<T, VEC> (&x)[U], Count count) {
   using A = acc_t<T>;
   constexpr int kPerItem = VEC / K;  // values of one channel in one item
+  A v[U][VEC];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v[u][e] = to_acc(x[u].v[e]);
+  }
   Welford<A, K> s;
   s.n = A(count * kPerItem);
   const A inv_n = A(1) / s.n;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const A shift = to_acc(x[0].v[k * kPerItem]);  // item 0 is always valid
+    const A shift = v[0][k * kPerItem];  // item 0 is always valid
     A sum = 0;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int e = 0; e < kPerItem; ++e) sum += u < count ? to_acc(x[u].v[k * kPerItem + e]) - shift : A(0);
+      for (int e = 0; e < kPerItem; ++e) sum += u < count ? v[u][k * kPerItem + e] - shift : A(0);
     }
     s.mean[k] = shift + sum * inv_n;
     A m2 = 0;
@@ -397,7 +417,7 @@ __device__ __forceinline__ Welford<acc_t<T>, K> step_stats(const Vec<T, VEC> (&x
     for (int u = 0; u < U; ++u) {
 #pragma unroll
       for (int e = 0; e < kPerItem; ++e) {
-        const A d = to_acc(x[u].v[k * kPerItem + e]) - s.mean[k];
+        const A d = v[u][k * kPerItem + e] - s.mean[k];
         m2 += u < count ? d * d : A(0);
       }
     }
@@ -419,9 +439,9 @@ __device__ __forceinline__ void for_each_value(F&& f) {
 }
 
 // Adds a step's items u < count to `acc`: gz, and gz * (x - mu), per channel.
-template <int K, int U, int VEC, typename T>
+template <int K, int U, int VEC, typename T, typename Count>
 __device__ __forceinline__ void add_grad_step(GradSums<acc_t<T>, K>& acc, const Vec<T, VEC> (&gz)[U],
-                                              const Vec<T, VEC> (&x)[U], const acc_t<T> (&mu)[K], int count) {
+                                              const Vec<T, VEC> (&x)[U], const acc_t<T> (&mu)[K], Count count) {
   using A = acc_t<T>;
   constexpr int kPerItem = VEC / K;
   // Its own loop, not for_each_value: the early break over u gives the reduction kernels other
@@ -528,9 +548,9 @@ __device__ __forceinline__ void normalize_step(Vec<T, VEC> (&x)[U], const Vec<T,
 
 // Loads a step of gz = g, or with relu (`relu_output` non-null) g where the forward output is > 0
 // and 0 elsewhere.
-template <int U, int VEC, typename T, class Tile>
+template <int U, int VEC, typename T, class Tile, typename Count>
 __device__ __forceinline__ void load_gz(const T* grad_output, const Strided3d& g_view, const T* relu_output,
-                                        const Strided3d& out_view, const Tile& t, int64_t n, int64_t i, int count,
+                                        const Strided3d& out_view, const Tile& t, int64_t n, int64_t i, Count count,
                                         Vec<T, VEC> (&gz)[U]) {
   load_step(grad_output, g_view, t, n, i, count, gz);
   if (!relu_output) return;

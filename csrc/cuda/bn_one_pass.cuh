@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   const auto gather = [&](const ThreadTile<kAlongC, VEC>& tile) {
     Welford<A, K> acc = empty<Welford<A, K>>();
     int64_t slot = rank;
-    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    for_each_step<U>(tile, [&](int64_t n, int64_t i, auto count) {
       Vec<T, VEC> x[U];
       load_step(p.input, p.in_view, tile, n, i, count, x);
 #pragma unroll
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
         merge_partials<kAlongC, Welford<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
     const Coefficients<A, K> co = channel_coefficients<true>(p, tile, groups, batch, tile.first_split);
     int64_t slot = rank;
-    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    for_each_step<U>(tile, [&](int64_t n, int64_t i, auto count) {
       Vec<T, VEC> x[U], r[U] = {};
 #pragma unroll
       for (int u = 0; u < U; ++u, slot += kThreads) x[u] = kept[slot];
@@ -109,7 +109,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? p.mean[tile.c + k] : A(0);
     GradSums<A, K> acc = empty<GradSums<A, K>>();
     int64_t slot = rank;
-    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    // Along C, compiled once: a second copy for whole steps spills registers (8 channels a thread).
+    for_each_step<U, /*kWholeSteps=*/!kAlongC>(tile, [&](int64_t n, int64_t i, auto count) {
       Vec<T, VEC> gz[U], x[U];
       load_gz(p.grad_output, p.g_view, p.relu_output, p.out_view, tile, n, i, count, gz);
       if (p.grad_residual) store_step(p.grad_residual, p.gr_view, tile, n, i, count, gz);
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
         merge_partials<kAlongC, GradSums<A, K>>(p.partials, p.num_splits, tile.c, tiling.C, groups);
     const GradCoefficients<A, K> co = grad_coefficients(p, tile, groups, sums);
     int64_t slot = rank;
-    for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+    for_each_step<U>(tile, [&](int64_t n, int64_t i, auto count) {
       Vec<T, VEC> gz[U], x[U];
 #pragma unroll
       for (int u = 0; u < U; ++u, slot += kThreads) gz[u] = kept_gz[slot], x[u] = kept_x[slot];

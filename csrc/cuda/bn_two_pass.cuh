@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   const ThreadTile<kAlongC, VEC> tile(tiling);
 
   Welford<A, K> acc = empty<Welford<A, K>>();
-  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+  for_each_step<U>(tile, [&](int64_t n, int64_t i, auto count) {
     Vec<T, VEC> x[U];
     load_step(input, in_view, tile, n, i, count, x);
     acc.merge(step_stats<K>(x, count));
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   }
   const Coefficients<A, K> co = channel_coefficients<kTraining>(p, tile, groups, batch, tile.first_split);
   if (!tile.channel_ok) return;
-  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+  for_each_step<U>(tile, [&](int64_t n, int64_t i, auto count) {
     Vec<T, VEC> x[U], r[U] = {};
     load_step(p.input, p.in_view, tile, n, i, count, x);
     if (p.residual) load_step(p.residual, p.res_view, tile, n, i, count, r);
@@ -84,7 +84,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? mean[tile.c + k] : A(0);
 
   GradSums<A, K> acc = empty<GradSums<A, K>>();
-  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+  // Along C, compiled once: a second copy for whole steps spills registers (8 channels a thread, sm_80).
+  for_each_step<U, /*kWholeSteps=*/!kAlongC>(tile, [&](int64_t n, int64_t i, auto count) {
     Vec<T, VEC> gz[U], x[U];
     load_gz(grad_output, g_view, relu_output, out_view, tile, n, i, count, gz);
     if (grad_residual) store_step(grad_residual, gr_view, tile, n, i, count, gz);
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   if (!tile.channel_ok || (!p.grad_input && !p.grad_residual)) return;
   const bool read_x = p.grad_input && p.training;
 
-  for_each_step<U>(tile, [&](int64_t n, int64_t i, int count) {
+  for_each_step<U>(tile, [&](int64_t n, int64_t i, auto count) {
     Vec<T, VEC> gz[U], x[U] = {};
     load_gz(p.grad_output, p.g_view, p.relu_output, p.out_view, tile, n, i, count, gz);
     if (p.grad_residual) store_step(p.grad_residual, p.gr_view, tile, n, i, count, gz);
