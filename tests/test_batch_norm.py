@@ -115,6 +115,27 @@ def test_empty_batch(backend, device, training):
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_nan_propagates(backend, device, training, layout):
+    """A NaN input stays NaN through the fused ReLU, as through torch.relu (a max(y, 0) may
+    drop it): in eval its own output alone, in training its whole channel and that channel's
+    running stats, whose statistics it poisons. Every other value as PyTorch's."""
+    require(backend, device, torch.float32)
+    x = make_input((3, 5, 6, 7), torch.float32, device, layout)
+    x[1, 2, 3, 4] = float("nan")
+    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    stats = [torch.randn(5, device=device), torch.rand(5, device=device) + 0.5]
+    expected_stats = [t.clone() for t in stats]
+    y = cnnkern.functional.batch_norm(x, *stats, w, b, training, activation="relu", backend=backend)
+    expected = torch.relu(torch.nn.functional.batch_norm(x, *expected_stats, w, b, training))
+    assert y.isnan().any() and torch.equal(y.isnan(), expected.isnan())
+    torch.testing.assert_close(y, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(stats, expected_stats):
+        torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_calls_without_gradients(backend, device, training, layout):
     """Calls no gradient flows through (torch.no_grad, or no input requiring one) skip the
     autograd Function: same output and running stats, bit for bit, as a call that records it."""

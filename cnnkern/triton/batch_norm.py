@@ -247,7 +247,7 @@ def _bn_fwd_kernel(
             y += tl.load(_tile_ptrs(r_ptr, n, l_start, c_start, r_stride_n, r_stride_c, r_stride_l, BLOCK_L, BLOCK_C),
                          mask=mask, other=0.0).to(ACC_DTYPE)
         if RELU:
-            y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as in torch.relu
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
         tl.store(_tile_ptrs(y_ptr, n, l_start, c_start, y_stride_n, y_stride_c, y_stride_l, BLOCK_L, BLOCK_C),
                  y.to(y_ptr.dtype.element_ty), mask=mask)
 
