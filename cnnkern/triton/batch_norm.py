@@ -65,12 +65,25 @@ def _tile_ptrs(ptr, n, l_start, c_start, stride_n, stride_c, stride_l,
 
 
 @triton.jit
-def _program(BACKWARDS: tl.constexpr):
-    """(channel block, split) of this program; a second pass takes them BACKWARDS."""
+def _program(C, BACKWARDS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's split, its channel block's first channel, the block's [BLOCK_C] channels
+    and which of them are < C. Programs are (channel block, split); a second pass takes them
+    BACKWARDS."""
     c_block, split = tl.program_id(0), tl.program_id(1)
     if BACKWARDS:
         c_block, split = tl.num_programs(0) - 1 - c_block, tl.num_programs(1) - 1 - split
-    return c_block, split
+    c_start = c_block * BLOCK_C
+    channels = c_start + tl.arange(0, BLOCK_C)
+    return split, c_start, channels, channels < C
+
+
+@triton.jit
+def _split_partials(partials_ptr, j, num_splits, C, channels, c_ok, SPLITS_BLOCK: tl.constexpr):
+    """[SPLITS_BLOCK, BLOCK_C] array j of the (arrays, num_splits, C) partials, at `channels`:
+    one row per split, zeros past num_splits and C."""
+    splits = tl.arange(0, SPLITS_BLOCK)[:, None]
+    return tl.load(partials_ptr + (j * num_splits + splits) * C + channels[None, :],
+                   mask=(splits < num_splits) & c_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -111,10 +124,7 @@ def _bn_stats_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    c_block, split = _program(BACKWARDS=False)
-    c_start = c_block * BLOCK_C
-    channels = c_start + tl.arange(0, BLOCK_C)
-    c_ok = channels < C
+    split, c_start, channels, c_ok = _program(C, BACKWARDS=False, BLOCK_C=BLOCK_C)
     pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)[None, :]
     # Welford per lane on x - pivot: each lane folds in one value per tile, and the lanes
     # merge at the end (unlike plain sums, robust even to a pivot far out in the tail).
@@ -187,10 +197,7 @@ def _bn_fwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    c_block, split = _program(BACKWARDS=True)
-    c_start = c_block * BLOCK_C
-    channels = c_start + tl.arange(0, BLOCK_C)
-    c_ok = channels < C
+    split, c_start, channels, c_ok = _program(C, BACKWARDS=True, BLOCK_C=BLOCK_C)
     # tl.full converts the float64 scalars exactly (tl.cast would round through float32
     # in the interpreter), and keeps float32 kernels in float32.
     eps = tl.full([], eps, ACC_DTYPE)
@@ -200,14 +207,12 @@ def _bn_fwd_kernel(
     # x - pivot is exact, where mean itself would be rounded to ACC_DTYPE.
     if TRAINING:
         # Every program merges its channels' few partials itself: no finalize launch.
-        splits = tl.arange(0, SPLITS_BLOCK)[:, None]
-        partials = partials_ptr + splits * C + channels[None, :]
-        p_mask = (splits < num_splits) & c_ok[None, :]
         # A split's count is the same for all its channels: channel c_start's serves.
+        splits = tl.arange(0, SPLITS_BLOCK)[:, None]
         counts = tl.load(partials_ptr + splits * C + c_start, mask=splits < num_splits, other=0.0)
-        _, mean_from_pivot, m2 = _welford_merge(counts,
-                                                tl.load(partials + num_splits * C, mask=p_mask, other=0.0),
-                                                tl.load(partials + 2 * num_splits * C, mask=p_mask, other=0.0))
+        _, mean_from_pivot, m2 = _welford_merge(
+            counts, _split_partials(partials_ptr, 1, num_splits, C, channels, c_ok, SPLITS_BLOCK),
+            _split_partials(partials_ptr, 2, num_splits, C, channels, c_ok, SPLITS_BLOCK))
         pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)
         invstd = 1.0 / tl.sqrt(m2 / M + eps)
         if split == 0:
@@ -276,10 +281,7 @@ def _bn_bwd_reduce_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    c_block, split = _program(BACKWARDS=False)
-    c_start = c_block * BLOCK_C
-    channels = c_start + tl.arange(0, BLOCK_C)
-    c_ok = channels < C
+    split, c_start, channels, c_ok = _program(C, BACKWARDS=False, BLOCK_C=BLOCK_C)
     mean = tl.load(mean_ptr + channels, mask=c_ok, other=0.0)[None, :]
     sum_dy = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
     sum_dy_xmu = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
@@ -342,17 +344,11 @@ def _bn_bwd_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    c_block, split = _program(BACKWARDS=True)
-    c_start = c_block * BLOCK_C
-    channels = c_start + tl.arange(0, BLOCK_C)
-    c_ok = channels < C
+    split, c_start, channels, c_ok = _program(C, BACKWARDS=True, BLOCK_C=BLOCK_C)
     invstd = tl.load(invstd_ptr + channels, mask=c_ok, other=0.0)
     if HAS_SUMS:
-        splits = tl.arange(0, SPLITS_BLOCK)[:, None]
-        partials = partials_ptr + splits * C + channels[None, :]
-        p_mask = (splits < num_splits) & c_ok[None, :]
-        sum_dy = tl.sum(tl.load(partials, mask=p_mask, other=0.0), 0)
-        sum_dy_xmu = tl.sum(tl.load(partials + num_splits * C, mask=p_mask, other=0.0), 0)
+        sum_dy = tl.sum(_split_partials(partials_ptr, 0, num_splits, C, channels, c_ok, SPLITS_BLOCK), 0)
+        sum_dy_xmu = tl.sum(_split_partials(partials_ptr, 1, num_splits, C, channels, c_ok, SPLITS_BLOCK), 0)
         if split == 0:
             if HAS_DW:
                 tl.store(dw_ptr + channels, (sum_dy_xmu * invstd).to(dw_ptr.dtype.element_ty), mask=c_ok)
