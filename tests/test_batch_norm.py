@@ -62,6 +62,20 @@ def test_large_mean(backend, device, layout):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_outlying_first_value(backend, device, layout):
+    """The first value of each channel, which the kernels take as the pivot of their
+    statistics, 3000 std from the channel's mean (mean 1e4): sums of squares about that
+    pivot would cancel away the variance in float32; Welford's updates keep it."""
+    require(backend, device, torch.float32)
+    x = make_input((4, 6, 9, 9), torch.float32, device, layout, mean=1e4)
+    x[0, :, 0, 0] += 3000.0
+    res = run_and_compare(backend, device, x, residual=True, activation="relu")
+    running_var = res["ours"][-1]
+    assert torch.allclose(running_var.double(), res["oracle"][-1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_param_dtype_matches_input(backend, device, dtype):
     """Parameters and running stats in the input's dtype (a model under .half())."""

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -25,9 +26,9 @@ using namespace cpu;  // NOLINT: the line walks and passes of bn_lines.h
 
 // Per-channel sums of x - ref_c and (x - ref_c)^2 over the walk's channels, in
 // double, in one read of the input ({first sums, then second sums}, as
-// channel_sums). ref_c = x[0, c, 0]: shifted by a value of the channel, they are
-// sums of deviations, so the variance does not cancel away when |mean| >> std
-// (accurate while |ref_c - mean| is a few std).
+// channel_sums). ref_c is a value of the channel (shift_values): shifted by it,
+// they are sums of deviations, so the variance does not cancel away when
+// |mean| >> std (accurate while |ref_c - mean| is a few std).
 template <typename scalar_t>
 std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const at::opmath_type<scalar_t>* ref) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -45,6 +46,26 @@ std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const a
     });
   });
   return sums;
+}
+
+// Per channel, the median of 5 of its values spread over (N, L): a value within a few std
+// of the channel's mean unless most of those 5 are outliers, where x[0, c, 0] alone, once
+// the shift, could be one (3000 std out, it cost float32 sums of 256 squares along C all
+// their precision: tests/test_batch_norm.py::test_outlying_first_value).
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> shift_values(const Strided3d& v, const scalar_t* x) {
+  std::vector<at::opmath_type<scalar_t>> shifts(v.C);
+  const int64_t M = v.N * v.L;
+  for (int64_t c = 0; c < v.C; ++c) {
+    std::array<at::opmath_type<scalar_t>, 5> samples;
+    for (int64_t s = 0; s < 5; ++s) {
+      const int64_t m = s * (M - 1) / 4;
+      samples[s] = x[v.offset(m / v.L, c, m % v.L)];
+    }
+    std::nth_element(samples.begin(), samples.begin() + 2, samples.end());
+    shifts[c] = samples[2];
+  }
+  return shifts;
 }
 
 // The normalize pass of both forwards: output = act((x - mean) * scale + shift + r).
@@ -88,8 +109,7 @@ void bn_forward_train_kernel_impl(const at::Tensor& input, const at::Tensor& wei
   const Strided3d xv = view3d(input, "input");
   const Walk w(xv);
   const int64_t C = w.C;
-  std::vector<acc_t> ref(C);
-  for (int64_t c = 0; c < C; ++c) ref[c] = input.data_ptr<scalar_t>()[c * xv.sC];
+  const std::vector<acc_t> ref = shift_values(xv, input.data_ptr<scalar_t>());
 
   Affine<acc_t> affine{std::vector<acc_t>(C), param_or<acc_t, param_t>(weight, C, 1),
                        param_or<acc_t, param_t>(bias, C, 0)};
