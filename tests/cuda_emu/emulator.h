@@ -22,9 +22,9 @@
 // (NaN), so a value read before any thread writes it shows. Launches check the block size, grid
 // size and dynamic shared memory (48 KB unless cudaFuncSetAttribute raised it, up to the device's
 // opt-in limit), and a cooperative grid against the occupancy; the kernels' tensor accesses
-// (load_word and store_word: include/cuda/word_access.cuh), the alignment a GPU requires of them. What the
-// emulator cannot show: timing, memory-model races between barriers, misaligned plain accesses,
-// registers.
+// (load_word and store_word: include/cuda/word_access.cuh), the alignment a GPU requires of
+// them. What the emulator cannot show: timing, memory-model races between barriers, misaligned
+// plain accesses, registers.
 //
 // The emulated device (use_device in the Python module) has a number of SMs, an L2 size and
 // shared memory limits; occupancy is limited by threads (2048 per SM) and shared memory only.
