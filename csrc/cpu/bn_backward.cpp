@@ -116,9 +116,9 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
   };
   if (!need_sums) return elementwise(w);
 
-  // The sums pass reads grad_output, input and (relu) output, and may write grad_residual.
-  const int64_t first_pass_tensors = 2 + relu + residual_first;
-  by_channel_blocks(w, first_pass_tensors * w.M * input.element_size(), [&](const Walk& part) {
+  // The two passes touch grad_output, input, (relu) output, grad_residual and grad_input.
+  const int64_t tensors = 2 + relu + grad_residual.defined() + grad_input.defined();
+  by_channel_blocks(w, tensors * w.M * input.element_size(), [&](const Walk& part) {
     const std::vector<double> sums = grad_sums<scalar_t>(part, grad_output, input, output, mean_p, relu,
                                                          residual_first ? grad_residual : at::Tensor());
     for (int64_t i = 0; i < part.nc; ++i) {

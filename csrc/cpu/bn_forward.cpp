@@ -121,7 +121,9 @@ void bn_forward_train_kernel_impl(const at::Tensor& input, const at::Tensor& wei
   const acc_t keep = static_cast<acc_t>(1 - momentum), take = static_cast<acc_t>(momentum);
   const double unbias = static_cast<double>(w.M) / (w.M - 1);
 
-  by_channel_blocks(w, w.M * input.element_size(), [&](const Walk& part) {
+  // The two passes touch x, the residual and the output.
+  const int64_t tensors = 2 + residual.defined();
+  by_channel_blocks(w, tensors * w.M * input.element_size(), [&](const Walk& part) {
     const std::vector<double> sums = shifted_sums<scalar_t>(part, input, ref.data());
     for (int64_t i = 0; i < part.nc; ++i) {
       const int64_t c = part.c0 + i;
