@@ -70,8 +70,9 @@ def load():
     return cpp_extension.load(
         name="cnnkern_cuda_emu",
         sources=sources,
-        # The stand-in CUDA headers first; -fno-strict-aliasing: the kernels read T arrays
-        # through vector structs, as CUDA allows and host C++ does not.
+        # The stand-in CUDA headers first, among them include/cuda/word_access.cuh, which takes
+        # the place of csrc/cuda's inline-PTX one; -fno-strict-aliasing: the kernels read T
+        # arrays through vector structs, as CUDA allows and host C++ does not.
         extra_include_paths=[str(EMU / "include"), str(EMU), str(BUILD / "include"), str(ROOT / "csrc")],
         extra_cflags=["-O2", "-fno-strict-aliasing"],
         build_directory=str(BUILD),

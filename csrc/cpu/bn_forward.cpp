@@ -51,7 +51,7 @@ std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const a
 // Per channel, the median of 5 of its values spread over (N, L): a value within a few std
 // of the channel's mean unless most of those 5 are outliers, where x[0, c, 0] alone, once
 // the shift, could be one (3000 std out, it cost float32 sums of 256 squares along C all
-// their precision: tests/test_batch_norm.py::test_outlying_first_value).
+// their precision: tests/test_batch_norm.py::test_large_mean[...first_outlying]).
 template <typename scalar_t>
 std::vector<at::opmath_type<scalar_t>> shift_values(const Strided3d& v, const scalar_t* x) {
   std::vector<at::opmath_type<scalar_t>> shifts(v.C);
