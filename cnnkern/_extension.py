@@ -1,12 +1,20 @@
 """Loads the compiled extension once and remembers why it could not be loaded."""
+import importlib.util
+
 import torch
+
+_BUILD = "pip install --no-build-isolation -e ."
 
 try:
     from . import _C  # noqa: F401  (registers the cnnkern:: ops and their C++ kernels)
 
     IMPORT_ERROR = None
-except ImportError as e:  # not built: `pip install --no-build-isolation -e .`
-    IMPORT_ERROR = f"cnnkern._C did not import ({e}); build it with `pip install --no-build-isolation -e .`"
+except ImportError as e:
+    # Python words a missing submodule as a circular import; say which case this is.
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        IMPORT_ERROR = f"cnnkern._C is not built; build it with `{_BUILD}`"
+    else:  # e.g. built against another torch: undefined symbols
+        IMPORT_ERROR = f"cnnkern._C is built but did not load ({e}); rebuild it with `{_BUILD}`"
 
 
 def loaded() -> bool:

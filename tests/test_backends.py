@@ -1,7 +1,10 @@
 """The backends this machine must run do run (so no test skips by accident), and
 automatic selection never lands on a slow one."""
 import importlib
+import importlib.machinery
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -84,9 +87,24 @@ def test_imports_without_the_extension():
         y = cnnkern.functional.batch_norm(x, None, None, training=True, backend="reference")
         print(torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5))
         """))
-    assert "cpu        no   cnnkern._C did not import" in out
+    assert "cpu        no   cnnkern._C is not built; build it with `pip install" in out
     assert "reference  yes" in out
     assert out.strip().endswith("True")
+
+
+def test_an_extension_that_does_not_load_says_so(tmp_path):
+    """A _C that is there but fails to load (built against another torch, say) is reported
+    as such, with the loader's message, not as missing."""
+    package = tmp_path / "cnnkern"
+    shutil.copytree(pathlib.Path(cnnkern.__file__).parent, package,
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (package / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a shared object")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CNNKERN_BACKEND")}
+    code = "import cnnkern; print(cnnkern.backends()['cpu'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "cpu        no   cnnkern._C is built but did not load (" in result.stdout
+    assert "rebuild it with `pip install --no-build-isolation -e .`" in result.stdout
 
 
 def test_automatic_choice_follows_the_layout(monkeypatch):
