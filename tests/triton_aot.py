@@ -30,7 +30,9 @@ from triton.runtime.jit import JITFunction
 
 from cnnkern.triton import batch_norm as bn
 
-SMS = {80: 108, 90: 132}  # A100, H100: the host wrappers size their grids from this
+# A100, H100 (sm_80 and sm_90 hold the same per SM): the host wrappers size their grids from this
+SMS = {arch: bn._SM(count, registers=65536, threads=2048, shared=(164 if arch == 80 else 228) * 1024)
+       for arch, count in ((80, 108), (90, 132))}
 
 
 class CompileOnlyDriver:
@@ -59,6 +61,14 @@ def _resources(cubin: bytes):
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     regs, stack, shared, local = map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out).groups())
     return regs, stack + local, shared
+
+
+def _registers(kernel) -> int:
+    return _resources(kernel.asm["cubin"])[0]
+
+
+def _resident(kernel, sm) -> int:
+    return bn.resident_programs(_registers(kernel), kernel.metadata.shared, kernel.metadata.num_warps, sm)
 
 
 def _calls():
@@ -98,33 +108,41 @@ def main():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
 
-    launches = []  # (kernel name, compiled kernel) of each launch of the call at hand
+    launches = []  # (kernel name, grid, compiled kernel) of each launch of the call at hand
 
     def compile_only(kernel, grid):
-        return lambda *a, **kw: launches.append((kernel.fn.__name__, kernel.run(*a, grid=grid, warmup=True, **kw)))
+        return lambda *a, **kw: launches.append((kernel.fn.__name__, grid, kernel.run(*a, grid=grid, warmup=True, **kw)))
 
     JITFunction.__getitem__ = compile_only
+    bn._registers = _registers  # Triton reads them when it loads the binary onto a GPU
     first_use = {}  # compiled kernel -> (kernel name, the call that first needed it)
     for arch in args.arch:
+        sm = SMS[arch]
         driver.set_active(CompileOnlyDriver(arch))
-        bn._sm_count = lambda device, sms=SMS[arch]: sms
+        bn._sm = lambda device, sm=sm: sm
+        bn._PLANS.clear()
         for label, call in _calls():
             launches.clear()
             try:
                 call()
             except Exception as e:
                 raise RuntimeError(f"sm_{arch}, {label}: {type(e).__name__}: {e}") from e
-            for name, kernel in launches:
+            for name, (channel_blocks, splits), kernel in launches:
                 first_use.setdefault(kernel, (name, label))
+                # One wave (bn._plan), unless the channel blocks alone are more.
+                if channel_blocks * splits > max(_resident(kernel, sm) * sm.count, channel_blocks):
+                    sys.exit(f"sm_{arch}, {label}: {name}'s grid {channel_blocks}x{splits} takes more than "
+                             f"one wave of {_resident(kernel, sm)} programs per SM")
 
     rows = []
     for kernel, (name, label) in first_use.items():
         regs, stack, shared = _resources(kernel.asm["cubin"])
-        rows.append((name, kernel.metadata.target.arch, kernel.metadata.num_warps, regs, stack,
-                     shared + kernel.metadata.shared, label))
-    print(f"{'kernel':<22} {'arch':>4} {'warps':>5} {'regs':>4} {'stack':>5} {'smem':>6}  first needed by")
+        arch = kernel.metadata.target.arch
+        rows.append((name, arch, kernel.metadata.num_warps, regs, stack, shared + kernel.metadata.shared,
+                     _resident(kernel, SMS[arch]), label))
+    print(f"{'kernel':<22} {'arch':>4} {'warps':>5} {'regs':>4} {'stack':>5} {'smem':>6} {'per SM':>6}  first needed by")
     for row in sorted(rows, key=lambda r: (r[0], r[1], -r[3])):
-        print("{:<22} {:>4} {:>5} {:>4} {:>5} {:>6}  {}".format(*row))
+        print("{:<22} {:>4} {:>5} {:>4} {:>5} {:>6} {:>6}  {}".format(*row))
     print(f"compiled {len(rows)} kernels: " + ", ".join(sorted({r[0] for r in rows})))
 
 

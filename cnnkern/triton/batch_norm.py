@@ -26,7 +26,7 @@ All arithmetic happens in ACC_DTYPE: float64 for float64 input, else float32.
 import functools
 import math
 import types
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -397,16 +397,43 @@ _TILE_BYTES = 8192  # of ACC_DTYPE per [BLOCK_L, BLOCK_C] tile: 2048 float32 val
 # 4 warps; 1024 float64 ones, whose accumulators would otherwise spill registers (tests/triton_aot.py)
 _NUM_WARPS = 4
 _THREADS = 32 * _NUM_WARPS
-_PROGRAMS_PER_SM = 8  # 32 warps per SM: enough loads in flight for a memory-bound pass
+_PROGRAMS_PER_SM = 8  # at most: 32 warps per SM are enough loads in flight for a memory-bound pass
+
+
+class _SM(NamedTuple):
+    """A device's multiprocessors: how many, and what each holds at once."""
+
+    count: int
+    registers: int  # 32-bit registers
+    threads: int
+    shared: int  # bytes of shared memory
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def _sm(device: torch.device) -> _SM:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        p = torch.cuda.get_device_properties(device)
+        # regs_per_multiprocessor is missing from some torch builds' properties: 64 K on every GPU since sm_50.
+        return _SM(p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
+                   p.max_threads_per_multi_processor, p.shared_memory_per_multiprocessor)
     # The interpreter runs programs one after another: few programs are fastest, and
     # _PROGRAMS_PER_SM of them still split the reduction (so the tests cover merging).
-    return 1
+    return _SM(1, 65536, 2048, 1 << 20)
+
+
+def resident_programs(registers: int, shared: int, num_warps: int, sm: _SM) -> int:
+    """How many programs of a compiled kernel (`registers` per thread, `shared` bytes) one SM
+    holds at once. Registers are allocated per warp in units of 256, and the driver reserves
+    1 KB of shared memory per program (sm_80 and later)."""
+    warp_registers = -(-registers * 32 // 256) * 256
+    by_registers = sm.registers // warp_registers // num_warps
+    return max(1, min(by_registers, sm.threads // (32 * num_warps), sm.shared // (shared + 1024)))
+
+
+def _registers(kernel) -> int:
+    """Registers per thread of a compiled kernel (Triton reads them when it loads the binary)."""
+    kernel._init_handles()
+    return kernel.n_regs
 
 
 def _pow2_block(extent: int, lo: int, hi: int) -> int:
@@ -431,7 +458,7 @@ def _merged_stride_l(v: Strided3d) -> Optional[int]:
 
 class _Plan(NamedTuple):
     """How one call's (N, C, L) tensors are cut into tiles and programs, as the launches take it.
-    Everything is computed once per geometry (_plan_geometry is cached): a call only unpacks it.
+    Everything is computed once per geometry (see _plan): a call only unpacks it.
     (In Triton 3.9, triton.cdiv and next_power_of_2 are constexpr functions: about 2 us per host call
     on the project's CPU machine.)"""
 
@@ -444,23 +471,72 @@ class _Plan(NamedTuple):
     meta: Mapping[str, int]  # the block sizes and launch options every kernel takes
 
 
-def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool) -> _Plan:
+class _Launch(NamedTuple):
+    """One launch of a pass: kernel[grid](*args, **meta)."""
+
+    kernel: Any  # a @triton.jit function
+    grid: Tuple[int, int]
+    args: tuple
+    meta: Mapping[str, Any]  # constexprs and launch options
+
+
+_COMPILED = isinstance(_bn_stats_kernel, triton.runtime.jit.JITFunction)  # False under TRITON_INTERPRET=1
+_PLANS: Dict[Hashable, _Plan] = {}  # see _plan
+_MAX_PLANS = 1024
+
+
+def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool, variant: Hashable,
+          launches: Callable[[_Plan], List[_Launch]]) -> _Plan:
     """Tile shape, split count and per-tensor strides for a call over `tensors` (all of
     input's shape, "input" among them; None for absent ones). `merges_partials`: each
     program of the second pass reads all partials of its channels, which caps the splits.
-    Plans are cached by geometry: planning costs more host time than some of the kernels take."""
+    `variant`: all else that selects the pass's compiled kernels (dtypes, flags, alignment);
+    `launches`: the pass's launches for a plan.
+
+    The grid fills the GPU in one wave: as many programs per SM as the pass's most demanding
+    compiled kernel leaves room for (registers, shared memory; at most _PROGRAMS_PER_SM).
+    A grid sized for more runs a second, partly idle wave (e.g. the backward's reduction,
+    96 registers a thread in bf16: 5 programs per SM, against grids sized for 8). Knowing
+    that takes compiling the kernels first, so plans are cached per geometry and variant,
+    worked out on their first call; each key always gets the same plan, so the same call
+    always sums in the same order."""
     input = tensors["input"]
     geometry = tuple((name, None if t is None else (t.shape, t.stride())) for name, t in tensors.items())
-    return _plan_geometry(geometry, stat_dtype(input.dtype).itemsize, _sm_count(input.device), merges_partials)
+    key = (geometry, variant, input.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        acc_itemsize, sm = stat_dtype(input.dtype).itemsize, _sm(input.device)
+        programs = _PROGRAMS_PER_SM
+        plan = _plan_geometry(geometry, acc_itemsize, sm.count, merges_partials, programs)
+        while _COMPILED:  # fewer programs change only the splits, rarely the registers: one round, or two
+            compiled = [launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
+                        for launch in launches(plan)]
+            fit = min(resident_programs(_registers(k), k.metadata.shared, k.metadata.num_warps, sm) for k in compiled)
+            if fit >= programs:
+                break
+            programs = fit
+            plan = _plan_geometry(geometry, acc_itemsize, sm.count, merges_partials, programs)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))  # the oldest
+        _PLANS[key] = plan
+    return plan
+
+
+def _variant(*items) -> tuple:
+    """A key of what selects compiled kernels besides the plan: each tensor's dtype and whether
+    it is 16-byte aligned (Triton specializes on both), absent ones and flags as they are."""
+    return tuple((t.dtype, t.data_ptr() % 16 == 0) if isinstance(t, Tensor) else t for t in items)
 
 
 Geometry = Tuple[Tuple[str, Optional[Tuple[Sequence[int], Sequence[int]]]], ...]  # (name, (shape, strides) or None)
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_partials: bool) -> _Plan:
-    """_plan for tensors of these shapes and strides (the cache key: read off the tensors, they
-    cost a third of their (N, C, L) views), on a device of `sms` multiprocessors."""
+def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_partials: bool,
+                   programs_per_sm: int) -> _Plan:
+    """_plan for tensors of these shapes and strides (read off the tensors: they cost a third of
+    their (N, C, L) views), on a device of `sms` multiprocessors that each hold `programs_per_sm`
+    programs at once."""
     named_views = [(name, None if g is None else view3d_of(*g, name)) for name, g in geometry]
     views = {name: v for name, v in named_views if v is not None}
     tile = _TILE_BYTES // acc_itemsize  # elements per tile
@@ -502,13 +578,16 @@ def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_parti
 
     # More channel blocks cost nothing, more splits cost merging: narrow the channel
     # block until the grid can fill the GPU (e.g. C = 64 at 112x112, C = 2048 at 7x7).
-    target = _PROGRAMS_PER_SM * sms
-    while triton.cdiv(C, block_c) * max_splits() < target and block_c > (8 if channels_major else 1):
+    # The tile shape is chosen for _PROGRAMS_PER_SM whatever the kernels' occupancy: it
+    # decides their registers, and so their occupancy (_plan).
+    while (triton.cdiv(C, block_c) * max_splits() < _PROGRAMS_PER_SM * sms
+           and block_c > (8 if channels_major else 1)):
         block_c //= 2
         if channels_major:
             block_l = across(L, block_c)
     num_tiles = num_samples * triton.cdiv(L, block_l)
-    num_splits = min(triton.cdiv(target, triton.cdiv(C, block_c)), max_splits())
+    # Rounded down: one split more than fits would start a second wave for a few programs.
+    num_splits = min(max(1, programs_per_sm * sms // triton.cdiv(C, block_c)), max_splits())
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
     # FMA contraction pinned on (as nvcc does for the CUDA kernels): Triton 3.10 turns its
@@ -531,29 +610,33 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     C = input.shape[1]
     acc = stat_dtype(input.dtype)
     output = torch.empty_like(input)
-    save_mean = save_invstd = partials = None
+    save_mean = save_invstd = None
     if input.numel() == 0:  # empty batch: nothing to normalize, running stats untouched
         if training:
             save_mean, save_invstd = input.new_zeros(C, dtype=acc), input.new_zeros(C, dtype=acc)
         return output, save_mean, save_invstd
-    plan = _plan({"input": input, "residual": residual, "output": output}, merges_partials=training)
     if training:
-        partials = input.new_empty((3, plan.num_splits, C), dtype=acc)
         save_mean, save_invstd = input.new_empty(C, dtype=acc), input.new_empty(C, dtype=acc)
-    with torch.cuda.device_of(input):  # Triton launches on the current device
-        if training:
-            _bn_stats_kernel[plan.grid](
-                input, partials, C, plan.L, *plan.strides["input"], *plan.tiling,
-                ACC_DTYPE=_tl_acc_dtype(input), **plan.meta)
-        _bn_fwd_kernel[plan.grid](
+
+    def launches(plan: _Plan) -> List[_Launch]:
+        partials = input.new_empty((3, plan.num_splits, C), dtype=acc) if training else None
+        stats = _Launch(_bn_stats_kernel, plan.grid, (input, partials, C, plan.L, *plan.strides["input"], *plan.tiling),
+                        dict(ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
+        normalize = _Launch(_bn_fwd_kernel, plan.grid, (
             input, residual, output, weight, bias, running_mean, running_var, partials, save_mean, save_invstd,
             C, plan.L, input.numel() // C,
             *plan.strides["input"], *plan.strides["residual"], *plan.strides["output"],
-            *plan.tiling, momentum, eps,
+            *plan.tiling, momentum, eps), dict(
             TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, HAS_RUNNING_MEAN=running_mean is not None,
             HAS_RUNNING_VAR=running_var is not None, RELU=relu, ACC_DTYPE=_tl_acc_dtype(input),
-            SPLITS_BLOCK=plan.splits_block, **plan.meta)
+            SPLITS_BLOCK=plan.splits_block, **plan.meta))
+        return [stats, normalize] if training else [normalize]
+
+    with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
+        plan = _plan({"input": input, "residual": residual, "output": output}, training,
+                     _variant(input, weight, bias, residual, running_mean, running_var, relu, training), launches)
+        _launch(launches(plan))
     return output, save_mean, save_invstd
 
 
@@ -596,30 +679,40 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
         return grads
     if not relu:
         output = None  # may be stale or absent; only the ReLU mask reads it
-    plan = _plan({"grad_output": grad_output, "input": input, "output": output,
-                  # grad_input and grad_residual are both empty_like(input): one set of strides
-                  "grad_input": grad_input if need_dx else grad_residual}, merges_partials=has_sums)
-    partials = input.new_empty((2, plan.num_splits, C), dtype=stat_dtype(input.dtype)) if has_sums else None
     # With a ReLU, the reduction writes grad_residual (the masked dy) and grad_input
     # is computed from it: one tensor fewer to read than grad_output and output.
     residual_first = has_sums and relu and need_dr
-    dy, dy_strides = (grad_residual, plan.strides["grad_input"]) if residual_first else \
-        (grad_output, plan.strides["grad_output"])
-    # With neither grad_input nor grad_residual left to write, only the split-0
-    # programs (grad_weight, grad_bias) have work.
-    grid = plan.grid if need_dx or (need_dr and not residual_first) else (plan.grid[0], 1)
-    with torch.cuda.device_of(input):  # Triton launches on the current device
-        if has_sums:
-            _bn_bwd_reduce_kernel[plan.grid](
-                grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
-                *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
-                *plan.strides["grad_input"], *plan.tiling,
-                RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta)
-        _bn_bwd_kernel[grid](
+
+    def launches(plan: _Plan) -> List[_Launch]:
+        partials = input.new_empty((2, plan.num_splits, C), dtype=stat_dtype(input.dtype)) if has_sums else None
+        dy, dy_strides = (grad_residual, plan.strides["grad_input"]) if residual_first else \
+            (grad_output, plan.strides["grad_output"])
+        # With neither grad_input nor grad_residual left to write, only the split-0
+        # programs (grad_weight, grad_bias) have work.
+        grid = plan.grid if need_dx or (need_dr and not residual_first) else (plan.grid[0], 1)
+        reduce = _Launch(_bn_bwd_reduce_kernel, plan.grid, (
+            grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
+            *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
+            *plan.strides["grad_input"], *plan.tiling),
+            dict(RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
+        elementwise = _Launch(_bn_bwd_kernel, grid, (
             dy, input, None if residual_first else output, grad_input, None if residual_first else grad_residual,
             weight, mean, invstd, partials, grad_weight, grad_bias, C, plan.L, input.numel() // C,
-            *dy_strides, *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"], *plan.tiling,
-            TRAINING=training, RELU=relu and not residual_first, HAS_WEIGHT=weight is not None, HAS_SUMS=has_sums,
-            HAS_DX=need_dx, HAS_DR=need_dr and not residual_first, HAS_DW=need_dw, HAS_DB=need_db,
-            ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=plan.splits_block, **plan.meta)
+            *dy_strides, *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"], *plan.tiling),
+            dict(TRAINING=training, RELU=relu and not residual_first, HAS_WEIGHT=weight is not None,
+                 HAS_SUMS=has_sums, HAS_DX=need_dx, HAS_DR=need_dr and not residual_first, HAS_DW=need_dw,
+                 HAS_DB=need_db, ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=plan.splits_block, **plan.meta))
+        return [reduce, elementwise] if has_sums else [elementwise]
+
+    with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
+        plan = _plan({"grad_output": grad_output, "input": input, "output": output,
+                      # grad_input and grad_residual are both empty_like(input): one set of strides
+                      "grad_input": grad_input if need_dx else grad_residual}, has_sums,
+                     _variant(grad_output, input, output, weight, mean, training, relu, *output_mask), launches)
+        _launch(launches(plan))
     return grads
+
+
+def _launch(launches: List[_Launch]) -> None:
+    for kernel, grid, args, meta in launches:
+        kernel[grid](*args, **meta)
