@@ -8,7 +8,8 @@ Triton kernels' wrapper (cnnkern.triton.batch_norm), the registered op, the func
 API without autograd, and with it (forward; forward + backward through autograd.grad).
 On a GPU every backend runs for real, and the calls queue without a synchronization
 until the last. Without one, the Triton kernels are replaced by no-ops (the interpreter
-would time itself), so the table is the host time of the Triton backend's Python alone.
+would time itself), so the table is the host time of the Triton backend's Python alone;
+`python tests/triton_aot.py --arch 90 --host-time` adds Triton's own launch work, as on a GPU.
 """
 import argparse
 import contextlib

@@ -1,32 +1,39 @@
 """Compiles, for a GPU that is not here, every Triton kernel launch that cnnkern's host
 wrappers make, and reports each compiled kernel's registers, spills and shared memory.
 
-    python tests/triton_aot.py --arch 90 [--arch 80]
+    python tests/triton_aot.py --arch 90 [--arch 80] [--host-time]
 
 The interpreter that runs the Triton tests on a CPU machine accepts programs the
 compiler rejects (and never allocates registers), so this is what tells, without a GPU,
 that the kernels build for sm_80/sm_90. The host wrappers run as usual on CPU tensors
 (shapes, strides and data-pointer alignment as on a GPU: every specialization a real
-call would get); only the launch is replaced by `JITFunction.run(warmup=True)`, which
-compiles down to a cubin and launches nothing. The tensors' contents are never read.
+call would get), their plans compiling the kernels as on a GPU (`JITFunction.warmup`, down
+to a cubin, registers read with cuobjdump); only the launch is replaced by a check that it
+would run the kernel the JIT picks, with the arguments the JIT binds, and by a check that
+its grid takes one wave. The tensors' contents are never read.
 
 Must run without TRITON_INTERPRET (the kernels must be JITFunctions): test_triton_aot.py
 runs it in a subprocess. Prints a table of the compiled kernels, then "compiled N kernels: names".
+--host-time then times the wrappers' host work per call, launches stopped where the driver
+would take them: the GPU path's Python, which bench/host.py (interpreter, kernels stubbed out)
+cannot show on a CPU machine.
 """
 import argparse
 import itertools
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from functools import partial
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import CompiledKernel
 from triton.runtime import driver
-from triton.runtime.jit import JITFunction
 
 from cnnkern.triton import batch_norm as bn
 
@@ -71,17 +78,34 @@ def _resident(kernel, sm) -> int:
     return bn.resident_programs(_registers(kernel), kernel.metadata.shared, kernel.metadata.num_warps, sm)
 
 
+class _Recorder:
+    """Stands in for a compiled kernel: `binary[grid](*args)` records (grid, args) in `into`."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def __getitem__(self, grid):
+        return lambda *args: self.into.extend((grid, args))
+
+
+def _describe(args) -> str:
+    return ", ".join(f"tensor{tuple(a.shape)}" if isinstance(a, torch.Tensor) else repr(a) for a in args)
+
+
 def _calls():
     """(label, thunk) for each host-wrapper call to compile: the GPU benchmark's shapes and
-    an odd one, every dtype, NCHW / channels_last / a channel slice, every kernel variant."""
+    an odd one, every dtype, NCHW / channels_last / a channel slice / NCHW at an unaligned
+    address, every kernel variant."""
     shapes = [(128, 256, 56, 56), (128, 2048, 7, 7), (5, 65, 13, 13)]
     dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-    for shape, dtype, layout in itertools.product(shapes, dtypes, ("nchw", "channels_last", "slice")):
+    for shape, dtype, layout in itertools.product(shapes, dtypes, ("nchw", "channels_last", "slice", "offset")):
         N, C, H, W = shape
-        if layout == "slice":
-            if shape != shapes[-1]:
-                continue  # strides that are not a multiple of 16: the small shape is enough
+        if layout in ("slice", "offset") and shape != shapes[-1]:
+            continue  # the small shape is enough
+        if layout == "slice":  # strides that are not a multiple of 16
             x = torch.empty(N, C + 3, H, W, dtype=dtype)[:, 1:C + 1]
+        elif layout == "offset":  # NCHW's geometry, not 16-byte aligned: a plan of its own
+            x = torch.empty(N * C * H * W + 1, dtype=dtype)[1:].view(shape)
         else:
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             x = torch.empty(shape, dtype=dtype, memory_format=fmt)
@@ -104,16 +128,33 @@ def _calls():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SMS), required=True)
+    parser.add_argument("--host-time", action="store_true", help="then time the wrappers' host work per call")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
 
     launches = []  # (kernel name, grid, compiled kernel) of each launch of the call at hand
+    direct_launch = bn._launch
 
-    def compile_only(kernel, grid):
-        return lambda *a, **kw: launches.append((kernel.fn.__name__, grid, kernel.run(*a, grid=grid, warmup=True, **kw)))
+    def checked_launch(pass_launches, compiled):
+        """bn._launch, compile-only: checks that each launch would go to the compiled kernel the
+        JIT picks for its arguments (the same specialization), with the arguments the JIT binds."""
+        assert compiled is not None and len(compiled) == len(pass_launches), "no compiled kernels to launch"
+        for launch, binary in zip(pass_launches, compiled):
+            kernel, grid, args, meta = launch
+            name = kernel.fn.__name__
+            if binary is not kernel.run(*args, grid=grid, warmup=True, **meta):
+                raise AssertionError(f"{name}: the plan's compiled kernel is not the one the JIT picks")
+            bound = kernel.device_caches[driver.active.get_current_device()][4](*args, **meta)[0]
+            given = []
+            direct_launch([launch], (_Recorder(given),))
+            if given[0] != (*grid, 1) or len(given[1]) != len(bound) or not all(
+                    a is b or (not isinstance(a, torch.Tensor) and a == b) for a, b in zip(given[1], bound.values())):
+                raise AssertionError(f"{name}: launched with {_describe(given[1])} on {given[0]}, "
+                                     f"the JIT binds {_describe(bound.values())}")
+            launches.append((name, grid, binary))
 
-    JITFunction.__getitem__ = compile_only
+    bn._launch = checked_launch
     bn._registers = _registers  # Triton reads them when it loads the binary onto a GPU
     first_use = {}  # compiled kernel -> (kernel name, the call that first needed it)
     for arch in args.arch:
@@ -144,6 +185,32 @@ def main():
     for row in sorted(rows, key=lambda r: (r[0], r[1], -r[3])):
         print("{:<22} {:>4} {:>5} {:>4} {:>5} {:>6} {:>6}  {}".format(*row))
     print(f"compiled {len(rows)} kernels: " + ", ".join(sorted({r[0] for r in rows})))
+    if args.host_time:
+        host_times(direct_launch)
+
+
+def host_times(direct_launch) -> None:
+    """Microseconds of host work per wrapper call (8x64x14x14 float32, training, ReLU), the
+    launches stopped at the driver: straight into the compiled kernels, as bn._launch does, and
+    through the JIT, which binds and specializes every argument again. Median of 5 runs."""
+    CompiledKernel._init_handles = lambda self: None  # nothing to load: no GPU
+    CompiledKernel.run = property(lambda self: lambda *args: None)  # the driver's launch
+    CompiledKernel.launch_metadata = lambda self, *args: None
+    x, w, mean = torch.empty(8, 64, 14, 14), torch.empty(64), torch.empty(64)
+    calls = {"forward": partial(bn.bn_forward_train, x, w, w, None, w, w, 0.1, 1e-5, True),
+             "backward": partial(bn.bn_backward, x, x, x, w, mean, mean, True, True, [True, True, True, False])}
+    print(f"host us per call, {'x'.join(map(str, x.shape))} float32, launches stopped at the driver")
+    for path, launch in (("direct", direct_launch), ("JIT", lambda launches, compiled: direct_launch(launches, None))):
+        bn._launch = launch
+        for name, call in calls.items():
+            call()
+            runs = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(500):
+                    call()
+                runs.append((time.perf_counter() - start) / 500 * 1e6)
+            print(f"{path:<7} {name:<9} {statistics.median(runs):6.1f}")
 
 
 if __name__ == "__main__":
