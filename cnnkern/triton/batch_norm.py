@@ -413,9 +413,11 @@ class _SM(NamedTuple):
 def _sm(device: torch.device) -> _SM:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        # regs_per_multiprocessor is missing from some torch builds' properties: 64 K on every GPU since sm_50.
+        # Not every torch build reports these (inductor reads them the same way); the defaults
+        # are sm_80's, the least of the GPUs the kernels are built for.
         return _SM(p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
-                   p.max_threads_per_multi_processor, p.shared_memory_per_multiprocessor)
+                   getattr(p, "max_threads_per_multi_processor", 2048),
+                   getattr(p, "shared_memory_per_multiprocessor", 164 * 1024))
     # The interpreter runs programs one after another: few programs are fastest, and
     # _PROGRAMS_PER_SM of them still split the reduction (so the tests cover merging).
     return _SM(1, 65536, 2048, 1 << 20)
