@@ -489,6 +489,25 @@ struct Coefficients {
   A mean[K], scale[K], shift[K];
 };
 
+// Per-channel coefficients of type Coefs (K channels a thread) for every thread of the block:
+// the first `groups` threads, which hold their channel group's block totals (block_merge), each
+// fill their group's with `fill(coefs, k, c)` for channel c = tile.c + k, and all threads read
+// their group's back from shared memory. Every thread of the block must call it.
+template <class Coefs, int K, class Tile, class Fill>
+__device__ Coefs group_coefficients(const Tile& tile, int groups, Fill fill) {
+  __shared__ Coefs shared[32];  // per channel group
+  const int rank = thread_rank();
+  __syncthreads();  // a previous call's readers are done with shared
+  if (rank < groups && tile.channel_ok) {
+    Coefs own;
+#pragma unroll
+    for (int k = 0; k < K; ++k) fill(own, k, tile.c + k);
+    shared[rank] = own;
+  }
+  __syncthreads();
+  return shared[groups > 1 ? rank % groups : 0];  // along C, a thread's group is its threadIdx.x
+}
+
 // The coefficients of the thread's channels, from the batch statistics `batch` (training: the
 // block total in threads [0, groups) from block_merge) or the running stats (eval). In training,
 // the block that holds split 0 of its channels (`publish`) writes save_mean / save_invstd and
@@ -497,40 +516,25 @@ template <bool kTraining, typename T, typename P, int K, class Tile>
 __device__ Coefficients<acc_t<T>, K> channel_coefficients(const ForwardParams<T, P>& p, const Tile& tile, int groups,
                                                           const Welford<acc_t<T>, K>& batch, bool publish) {
   using A = acc_t<T>;
-  __shared__ A coef[32][3][K];  // per channel group: mean, scale = w * invstd, shift = b
-  const int rank = thread_rank();
-  __syncthreads();  // a previous call's readers are done with coef
-  if (rank < groups && tile.channel_ok) {
-    const A m = A(p.count);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int64_t c = tile.c + k;
-      const A mean = kTraining ? batch.mean[k] : to_acc(p.running_mean[c]);
-      const A var = kTraining ? batch.m2[k] / m : to_acc(p.running_var[c]);
-      const A invstd = inv_sqrt(var + p.eps);
-      coef[rank][0][k] = mean;
-      coef[rank][1][k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
-      coef[rank][2][k] = p.bias ? to_acc(p.bias[c]) : A(0);
-      if (kTraining && publish) {
-        p.save_mean[c] = mean;
-        p.save_invstd[c] = invstd;
-        const A keep = A(1) - p.momentum;
-        if (p.running_mean) p.running_mean[c] = from_acc<P>(keep * to_acc(p.running_mean[c]) + p.momentum * mean);
-        if (p.running_var) {
-          const A unbiased = batch.m2[k] / (m - A(1));
-          p.running_var[c] = from_acc<P>(keep * to_acc(p.running_var[c]) + p.momentum * unbiased);
-        }
+  const A m = A(p.count);
+  return group_coefficients<Coefficients<A, K>, K>(tile, groups, [&](Coefficients<A, K>& co, int k, int64_t c) {
+    const A mean = kTraining ? batch.mean[k] : to_acc(p.running_mean[c]);
+    const A var = kTraining ? batch.m2[k] / m : to_acc(p.running_var[c]);
+    const A invstd = inv_sqrt(var + p.eps);
+    co.mean[k] = mean;
+    co.scale[k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
+    co.shift[k] = p.bias ? to_acc(p.bias[c]) : A(0);
+    if (kTraining && publish) {
+      p.save_mean[c] = mean;
+      p.save_invstd[c] = invstd;
+      const A keep = A(1) - p.momentum;
+      if (p.running_mean) p.running_mean[c] = from_acc<P>(keep * to_acc(p.running_mean[c]) + p.momentum * mean);
+      if (p.running_var) {
+        const A unbiased = batch.m2[k] / (m - A(1));
+        p.running_var[c] = from_acc<P>(keep * to_acc(p.running_var[c]) + p.momentum * unbiased);
       }
     }
-  }
-  __syncthreads();
-  const int group = groups > 1 ? rank % groups : 0;  // along C: threadIdx.x
-  Coefficients<A, K> out;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    out.mean[k] = coef[group][0][k], out.scale[k] = coef[group][1][k], out.shift[k] = coef[group][2][k];
-  }
-  return out;
+  });
 }
 
 // y = act((x - mean) * scale + shift + r) of a step's items, in place in x. The (x - mean) * scale
@@ -598,32 +602,17 @@ template <typename T, typename P, int K, class Tile>
 __device__ GradCoefficients<acc_t<T>, K> grad_coefficients(const BackwardParams<T, P>& p, const Tile& tile, int groups,
                                                            const GradSums<acc_t<T>, K>& sums) {
   using A = acc_t<T>;
-  __shared__ A coef[32][4][K];  // per channel group: mean, scale, mean_gz, proj
-  const int rank = thread_rank();
-  __syncthreads();  // a previous call's readers are done with coef
-  if (rank < groups && tile.channel_ok) {
-    const A m = A(p.count);
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int64_t c = tile.c + k;
-      const A invstd = p.invstd[c];
-      coef[rank][0][k] = p.mean[c];
-      coef[rank][1][k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
-      coef[rank][2][k] = p.training ? sums.gz[k] / m : A(0);
-      coef[rank][3][k] = p.training ? invstd * invstd * (sums.gzxmu[k] / m) : A(0);
-      if (tile.first_split && p.grad_weight) p.grad_weight[c] = from_acc<P>(sums.gzxmu[k] * invstd);
-      if (tile.first_split && p.grad_bias) p.grad_bias[c] = from_acc<P>(sums.gz[k]);
-    }
-  }
-  __syncthreads();
-  const int group = groups > 1 ? rank % groups : 0;  // along C: threadIdx.x
-  GradCoefficients<A, K> out;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    out.mean[k] = coef[group][0][k], out.scale[k] = coef[group][1][k];
-    out.mean_gz[k] = coef[group][2][k], out.proj[k] = coef[group][3][k];
-  }
-  return out;
+  const A m = A(p.count);
+  return group_coefficients<GradCoefficients<A, K>, K>(tile, groups, [&](GradCoefficients<A, K>& co, int k,
+                                                                         int64_t c) {
+    const A invstd = p.invstd[c];
+    co.mean[k] = p.mean[c];
+    co.scale[k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
+    co.mean_gz[k] = p.training ? sums.gz[k] / m : A(0);
+    co.proj[k] = p.training ? invstd * invstd * (sums.gzxmu[k] / m) : A(0);
+    if (tile.first_split && p.grad_weight) p.grad_weight[c] = from_acc<P>(sums.gzxmu[k] * invstd);
+    if (tile.first_split && p.grad_bias) p.grad_bias[c] = from_acc<P>(sums.gz[k]);
+  });
 }
 
 // grad_input of a step's items, into x (read only in training).
