@@ -109,7 +109,14 @@ def _welford_merge(count, mean, m2):
     return total, pooled, tl.sum(m2 + count * spread * spread, 0)
 
 
-@triton.jit
+# The split count and the tiles per split are not specialized on (divisible by 16, equal to 1):
+# they gain nothing from it (loop bounds, never strides), and a plan with fewer splits (_plan)
+# would compile kernels of its own. (l_blocks == 1, by contrast, spares every 7x7 NCHW tile a
+# division: 30 registers in the backward's reduction.)
+_kernel = triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
+
+
+@_kernel
 def _bn_stats_kernel(
     x_ptr,  # input (N, C, L)
     partials_ptr,  # out: (3, num_splits, C), ACC_DTYPE: count, mean - pivot, M2 of each (split, channel)
@@ -161,7 +168,7 @@ def _bn_stats_kernel(
     tl.store(out + 2 * num_splits * C, m2, mask=c_ok)
 
 
-@triton.jit
+@_kernel
 def _bn_fwd_kernel(
     x_ptr,  # input (N, C, L)
     r_ptr,  # residual (N, C, L), input's dtype; None unless HAS_RESIDUAL
@@ -257,7 +264,7 @@ def _bn_fwd_kernel(
                  y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_kernel
 def _bn_bwd_reduce_kernel(
     dy_ptr,  # grad_output (N, C, L)
     x_ptr,  # input (N, C, L)
@@ -307,7 +314,7 @@ def _bn_bwd_reduce_kernel(
     tl.store(out + num_splits * C, tl.sum(sum_dy_xmu, 0), mask=c_ok)
 
 
-@triton.jit
+@_kernel
 def _bn_bwd_kernel(
     dy_ptr,  # grad_output (N, C, L), or grad_residual where _bn_bwd_reduce_kernel wrote the masked dy there
     x_ptr,  # input (N, C, L), read for training grad_input
@@ -606,17 +613,23 @@ def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_parti
         if channels_major:
             block_l = across(L, block_c)
     num_tiles = num_samples * triton.cdiv(L, block_l)
-    # Rounded down: one split more than fits would start a second wave for a few programs.
-    num_splits = min(max(1, programs_per_sm * sms // triton.cdiv(C, block_c)), max_splits())
+
+    def splits(programs_per_sm: int) -> int:
+        # Rounded down: one split more than fits would start a second wave for a few programs.
+        num_splits = min(max(1, programs_per_sm * sms // triton.cdiv(C, block_c)), max_splits())
+        return triton.cdiv(num_tiles, triton.cdiv(num_tiles, num_splits))  # no empty split
+
+    num_splits = splits(programs_per_sm)
     tiles_per_split = triton.cdiv(num_tiles, num_splits)
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
     # FMA contraction pinned on (as nvcc does for the CUDA kernels): Triton 3.10 turns its
     # default off, so the same kernels would round differently from one version to the next.
     meta = dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=_NUM_WARPS, enable_fp_fusion=True)
     return _Plan(L, types.MappingProxyType(strides), num_splits,
                  grid=(triton.cdiv(C, block_c), num_splits),
                  tiling=(triton.cdiv(L, block_l), num_tiles, tiles_per_split, num_splits),
-                 splits_block=triton.next_power_of_2(num_splits), meta=types.MappingProxyType(meta))
+                 # Sized for the most splits any occupancy gives, so that a plan with fewer (_plan)
+                 # compiles no kernel of its own.
+                 splits_block=triton.next_power_of_2(splits(_PROGRAMS_PER_SM)), meta=types.MappingProxyType(meta))
 
 
 def _tl_acc_dtype(input: Tensor) -> tl.dtype:
