@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import triton
@@ -70,6 +70,7 @@ def _resources(cubin: bytes):
     return regs, stack + local, shared
 
 
+@lru_cache(maxsize=None)  # one cuobjdump per compiled kernel, not per launch
 def _registers(kernel) -> int:
     return _resources(kernel.asm["cubin"])[0]
 

@@ -519,7 +519,7 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool, variant: 
         programs = _PROGRAMS_PER_SM
         plan = _plan_geometry(geometry, acc_itemsize, sm.count, merges_partials, programs)
         compiled = None
-        while _COMPILED:  # fewer programs change only the splits, rarely the registers: one round, or two
+        while _COMPILED:  # a refit changes only the splits: its round finds the same kernels, compiled
             compiled = tuple(launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
                              for launch in launches(plan))
             fit = min(resident_programs(_registers(k), k.metadata.shared, k.metadata.num_warps, sm) for k in compiled)
@@ -558,12 +558,11 @@ def _variant(*items) -> tuple:
 Geometry = Tuple[Tuple[str, Optional[Tuple[Sequence[int], Sequence[int]]]], ...]  # (name, (shape, strides) or None)
 
 
-@functools.lru_cache(maxsize=1024)
 def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_partials: bool,
                    programs_per_sm: int) -> _Plan:
     """_plan for tensors of these shapes and strides (read off the tensors: they cost a third of
     their (N, C, L) views), on a device of `sms` multiprocessors that each hold `programs_per_sm`
-    programs at once."""
+    programs at once. Not cached itself: _plan caches what it returns."""
     named_views = [(name, None if g is None else view3d_of(*g, name)) for name, g in geometry]
     views = {name: v for name, v in named_views if v is not None}
     tile = _TILE_BYTES // acc_itemsize  # elements per tile
