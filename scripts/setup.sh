@@ -14,8 +14,10 @@ fi
 
 missing=$("$PY" - <<'PY'
 import importlib.util
+# wheel: the build runs without isolation (--no-build-isolation), so pyproject's build
+# requirements must be here; a fresh venv has setuptools but not wheel.
 need = {"triton": "triton>=3.0", "pytest": "pytest>=7", "xdist": "pytest-xdist",
-        "matplotlib": "matplotlib", "numpy": "numpy", "ninja": "ninja"}
+        "matplotlib": "matplotlib", "numpy": "numpy", "ninja": "ninja", "wheel": "wheel"}
 print(" ".join(spec for mod, spec in need.items() if importlib.util.find_spec(mod) is None))
 PY
 )
