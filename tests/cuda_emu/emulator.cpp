@@ -168,7 +168,10 @@ thread_local std::string t_last_message;
 
 struct Device {
   int sms, l2_bytes, shared_per_sm, shared_per_block_optin;
-  bool operator==(const Device&) const = default;
+  bool operator==(const Device& o) const {  // spelled out: torch 2.11's extension builds are C++17
+    return sms == o.sms && l2_bytes == o.l2_bytes && shared_per_sm == o.shared_per_sm &&
+           shared_per_block_optin == o.shared_per_block_optin;
+  }
 };
 // Emulated devices; an index always names the same limits (the launchers cache them per device).
 std::vector<Device> g_devices = {{132, 50 << 20, 228 << 10, 227 << 10}};  // an H100's
