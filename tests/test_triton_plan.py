@@ -1,10 +1,12 @@
 """The Triton launch plans, as a GPU of 132 SMs gets them: tiles within their byte budget,
 with at least one value per thread wherever the extents allow, and grids of one wave."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
-from cnnkern.triton import batch_norm  # noqa: E402
+from cnnkern.triton import batch_norm, launch  # noqa: E402
 
 # (shape, layout of input, layout of the residual): ResNet-50's shapes, and mixed layouts,
 # whose samples do not merge into one axis (the tile then spans one sample's H*W at most).
@@ -42,7 +44,7 @@ def test_tiles_fill_the_threads(shape, layout, residual_layout, merges_partials,
     assert plan.grid == (-(-shape[1] // block_c), num_splits)
 
 
-H100 = batch_norm._SM(count=132, registers=65536, threads=2048, shared=233472)
+H100 = launch.SM(count=132, registers=65536, threads=2048, shared=233472)
 
 
 @pytest.mark.parametrize("registers,shared,num_warps,programs", [
@@ -57,7 +59,71 @@ H100 = batch_norm._SM(count=132, registers=65536, threads=2048, shared=233472)
     (255, 0, 8, 1),
 ])
 def test_resident_programs(registers, shared, num_warps, programs):
-    assert batch_norm.resident_programs(registers, shared, num_warps, H100) == programs
+    assert launch.resident_programs(registers, shared, num_warps, H100) == programs
+
+
+class _Compiled:
+    """What JITFunction.warmup returns, as far as launch.PlanCache reads it; as a launch
+    target, records each call's (grid, args) in `calls`."""
+
+    def __init__(self, registers: int):
+        self.n_regs, self.metadata, self.calls = registers, SimpleNamespace(shared=0, num_warps=4), []
+
+    def _init_handles(self):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append((grid, args))
+
+
+class _Kernel:
+    """A @triton.jit function of parameters (x, n, BLOCK: constexpr), `registers` a thread once compiled."""
+
+    arg_names = ["x", "n", "BLOCK"]
+
+    def __init__(self, registers: int):
+        self.registers, self.compiled_grids = registers, []
+
+    def warmup(self, *args, grid, **meta):
+        self.compiled_grids.append(grid)
+        return _Compiled(self.registers)
+
+
+def test_plan_cache_refits_to_the_least_resident_kernel(monkeypatch):
+    monkeypatch.setattr(launch, "COMPILED", True)
+    monkeypatch.setattr(launch, "sm_of", lambda device: H100)
+    kernels = [_Kernel(64), _Kernel(96)]  # 8 and 5 programs per SM
+    asked = []
+
+    def plan_for(sms, programs_per_sm):
+        asked.append(programs_per_sm)
+        return sms * programs_per_sm  # the plan: a grid of one wave
+
+    def launches(plan):
+        return [launch.Launch(k, (plan,), (None, 7), {"BLOCK": 16, "num_warps": 4}) for k in kernels]
+
+    cache = launch.PlanCache(most_programs_per_sm=8)
+    plan, compiled = cache.get("call", torch.device("cpu"), plan_for, launches)
+    assert asked == [8, 5] and plan == 5 * H100.count
+    assert [c.n_regs for c in compiled] == [64, 96]
+    assert kernels[1].compiled_grids == [(8 * H100.count,), (5 * H100.count,)]
+    assert cache.get("call", torch.device("cpu"), plan_for, launches)[1] is compiled and asked == [8, 5]
+
+
+def test_plan_cache_drops_the_oldest(monkeypatch):
+    monkeypatch.setattr(launch, "COMPILED", False)
+    cache = launch.PlanCache(most_programs_per_sm=8, size=2)
+    for key in "abc":
+        assert cache.get(key, torch.device("cpu"), lambda sms, programs: key, lambda plan: []) == (key, None)
+    assert [key for key, device in cache.plans] == ["b", "c"]
+
+
+def test_run_passes_the_constexprs_in_order():
+    """A compiled kernel takes every parameter positionally, the constexprs last; launch
+    options (num_warps) are not parameters."""
+    kernel, binary = _Kernel(32), _Compiled(32)
+    launch.run([launch.Launch(kernel, (3, 4), ("x", 7), {"num_warps": 4, "BLOCK": 16})], (binary,))
+    assert binary.calls == [((3, 4, 1), ("x", 7, 16))]
 
 
 @pytest.mark.parametrize("programs_per_sm", [8, 5, 4, 1])
@@ -81,15 +147,15 @@ def test_gpu_grids_take_one_wave(monkeypatch, layout):
     """On a GPU the plan reads the compiled kernels' registers, and its grid fits the SMs at
     the occupancy of the pass's most demanding kernel."""
     resident = []  # what each compiled kernel allowed, round after round
-    real = batch_norm.resident_programs
-    monkeypatch.setattr(batch_norm, "resident_programs", lambda *args: resident.append(real(*args)) or resident[-1])
-    monkeypatch.setattr(batch_norm, "_PLANS", {})
+    real = launch.resident_programs
+    monkeypatch.setattr(launch, "resident_programs", lambda *args: resident.append(real(*args)) or resident[-1])
+    monkeypatch.setattr(batch_norm, "_PLANS", launch.PlanCache(batch_norm._PROGRAMS_PER_SM))
     x = torch.randn(16, 256, 28, 28, device="cuda", dtype=torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     w, mean = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
     batch_norm.bn_backward(x, x, x, w, mean, w, True, True, [True, True, True, True])
-    (plan,) = batch_norm._PLANS.values()
+    ((plan, _),) = batch_norm._PLANS.plans.values()
     assert resident, "the plan did not read the compiled kernels' occupancy"
     channel_blocks, splits = plan.grid
-    sms = batch_norm._sm(x.device).count
+    sms = launch.sm_of(x.device).count
     assert channel_blocks * splits <= max(min(resident + [batch_norm._PROGRAMS_PER_SM]) * sms, channel_blocks)

@@ -36,9 +36,10 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime import driver
 
 from cnnkern.triton import batch_norm as bn
+from cnnkern.triton import launch as launcher
 
 # A100, H100 (sm_80 and sm_90 hold the same per SM): the host wrappers size their grids from this
-SMS = {arch: bn._SM(count, registers=65536, threads=2048, shared=(164 if arch == 80 else 228) * 1024)
+SMS = {arch: launcher.SM(count, registers=65536, threads=2048, shared=(164 if arch == 80 else 228) * 1024)
        for arch, count in ((80, 108), (90, 132))}
 
 
@@ -76,7 +77,7 @@ def _registers(kernel) -> int:
 
 
 def _resident(kernel, sm) -> int:
-    return bn.resident_programs(_registers(kernel), kernel.metadata.shared, kernel.metadata.num_warps, sm)
+    return launcher.resident_programs(_registers(kernel), kernel.metadata.shared, kernel.metadata.num_warps, sm)
 
 
 class _Recorder:
@@ -135,10 +136,10 @@ def main():
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
 
     launches = []  # (kernel name, grid, compiled kernel) of each launch of the call at hand
-    direct_launch = bn._launch
+    direct_launch = launcher.run
 
     def checked_launch(pass_launches, compiled):
-        """bn._launch, compile-only: checks that each launch would go to the compiled kernel the
+        """launcher.run, compile-only: checks that each launch would go to the compiled kernel the
         JIT picks for its arguments (the same specialization), with the arguments the JIT binds."""
         assert compiled is not None and len(compiled) == len(pass_launches), "no compiled kernels to launch"
         for launch, binary in zip(pass_launches, compiled):
@@ -155,14 +156,14 @@ def main():
                                      f"the JIT binds {_describe(bound.values())}")
             launches.append((name, grid, binary))
 
-    bn._launch = checked_launch
-    bn._registers = _registers  # Triton reads them when it loads the binary onto a GPU
+    launcher.run = checked_launch
+    launcher.registers_of = _registers  # Triton reads them when it loads the binary onto a GPU
     first_use = {}  # compiled kernel -> (kernel name, the call that first needed it)
     for arch in args.arch:
         sm = SMS[arch]
         driver.set_active(CompileOnlyDriver(arch))
-        bn._sm = lambda device, sm=sm: sm
-        bn._PLANS.clear()
+        launcher.sm_of = lambda device, sm=sm: sm
+        bn._PLANS.plans.clear()
         for label, call in _calls():
             launches.clear()
             try:
@@ -171,7 +172,7 @@ def main():
                 raise RuntimeError(f"sm_{arch}, {label}: {type(e).__name__}: {e}") from e
             for name, (channel_blocks, splits), kernel in launches:
                 first_use.setdefault(kernel, (name, label))
-                # One wave (bn._plan), unless the channel blocks alone are more.
+                # One wave (launcher.PlanCache), unless the channel blocks alone are more.
                 if channel_blocks * splits > max(_resident(kernel, sm) * sm.count, channel_blocks):
                     sys.exit(f"sm_{arch}, {label}: {name}'s grid {channel_blocks}x{splits} takes more than "
                              f"one wave of {_resident(kernel, sm)} programs per SM")
@@ -192,7 +193,7 @@ def main():
 
 def host_times(direct_launch) -> None:
     """Microseconds of host work per wrapper call (8x64x14x14 float32, training, ReLU), the
-    launches stopped at the driver: straight into the compiled kernels, as bn._launch does, and
+    launches stopped at the driver: straight into the compiled kernels, as launcher.run does, and
     through the JIT, which binds and specializes every argument again. Median of 5 runs."""
     CompiledKernel._init_handles = lambda self: None  # nothing to load: no GPU
     CompiledKernel.run = property(lambda self: lambda *args: None)  # the driver's launch
@@ -202,7 +203,7 @@ def host_times(direct_launch) -> None:
              "backward": partial(bn.bn_backward, x, x, x, w, mean, mean, True, True, [True, True, True, False])}
     print(f"host us per call, {'x'.join(map(str, x.shape))} float32, launches stopped at the driver")
     for path, launch in (("direct", direct_launch), ("JIT", lambda launches, compiled: direct_launch(launches, None))):
-        bn._launch = launch
+        launcher.run = launch
         for name, call in calls.items():
             call()
             runs = []

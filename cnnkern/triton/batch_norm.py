@@ -22,11 +22,14 @@ one's tiles last to first): they start on the tiles the first pass read last, wh
 are still in L2, so a tensor that fits in L2 is read from DRAM once, and a larger one
 saves the part that does.
 All arithmetic happens in ACC_DTYPE: float64 for float64 input, else float32.
+
+The tiling (_plan_geometry) is worked out once per call geometry and kept, with the
+compiled kernels, in a launch.PlanCache, which sizes the grid to the compiled kernels'
+occupancy; calls then launch those kernels directly (launch.run).
 """
-import functools
 import math
 import types
-from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from ..layout import Strided3d, view3d_of
 from ..reference import stat_dtype
+from . import launch
 
 __all__ = ["bn_forward_train", "bn_forward_eval", "bn_backward"]
 
@@ -407,44 +411,6 @@ _THREADS = 32 * _NUM_WARPS
 _PROGRAMS_PER_SM = 8  # at most: 32 warps per SM are enough loads in flight for a memory-bound pass
 
 
-class _SM(NamedTuple):
-    """A device's multiprocessors: how many, and what each holds at once."""
-
-    count: int
-    registers: int  # 32-bit registers
-    threads: int
-    shared: int  # bytes of shared memory
-
-
-@functools.lru_cache(maxsize=None)
-def _sm(device: torch.device) -> _SM:
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        # Not every torch build reports these (inductor reads them the same way); the defaults
-        # are sm_80's, the least of the GPUs the kernels are built for.
-        return _SM(p.multi_processor_count, getattr(p, "regs_per_multiprocessor", 65536),
-                   getattr(p, "max_threads_per_multi_processor", 2048),
-                   getattr(p, "shared_memory_per_multiprocessor", 164 * 1024))
-    # The interpreter runs programs one after another: few programs are fastest, and
-    # _PROGRAMS_PER_SM of them still split the reduction (so the tests cover merging).
-    return _SM(1, 65536, 2048, 1 << 20)
-
-
-def resident_programs(registers: int, shared: int, num_warps: int, sm: _SM) -> int:
-    """How many programs of a compiled kernel (`registers` per thread, `shared` bytes) one SM
-    holds at once. Registers are allocated per warp in units of 256, and the driver reserves
-    1 KB of shared memory per program (sm_80 and later)."""
-    warp_registers = -(-registers * 32 // 256) * 256
-    by_registers = sm.registers // warp_registers // num_warps
-    return max(1, min(by_registers, sm.threads // (32 * num_warps), sm.shared // (shared + 1024)))
-
-
-def _registers(kernel) -> int:
-    """Registers per thread of a compiled kernel (Triton reads them when it loads the binary)."""
-    kernel._init_handles()
-    return kernel.n_regs
-
-
 def _pow2_block(extent: int, lo: int, hi: int) -> int:
     """The largest power of two in [lo, hi] that pads `extent` by at most 1/8 (padded
     lanes idle), else the one that pads it least; never above next_power_of_2(extent)."""
@@ -480,79 +446,23 @@ class _Plan(NamedTuple):
     meta: Mapping[str, int]  # the block sizes and launch options every kernel takes
 
 
-class _Launch(NamedTuple):
-    """One launch of a pass: kernel[grid](*args, **meta)."""
-
-    kernel: Any  # a @triton.jit function
-    grid: Tuple[int, int]
-    args: tuple
-    meta: Mapping[str, Any]  # constexprs and launch options
-
-
-_COMPILED = isinstance(_bn_stats_kernel, triton.runtime.jit.JITFunction)  # False under TRITON_INTERPRET=1
-_PLANS: Dict[Hashable, Tuple[_Plan, Optional[tuple]]] = {}  # see _plan
-_MAX_PLANS = 1024
+_PLANS: launch.PlanCache[_Plan] = launch.PlanCache(_PROGRAMS_PER_SM)
 
 
 def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool, variant: Hashable,
-          launches: Callable[[_Plan], List[_Launch]]) -> Tuple[_Plan, Optional[tuple]]:
+          launches: Callable[[_Plan], List[launch.Launch]]) -> Tuple[_Plan, Optional[tuple]]:
     """Tile shape, split count and per-tensor strides for a call over `tensors` (all of
     input's shape, "input" among them; None for absent ones), and the compiled kernels of its
-    launches (None under the interpreter). `merges_partials`: each program of the second pass
-    reads all partials of its channels, which caps the splits. `variant`: all else that
-    selects the compiled kernels (_variant of every tensor the caller did not allocate, and
-    the flags); `launches`: the pass's launches for a plan.
-
-    The grid fills the GPU in one wave: as many programs per SM as the pass's most demanding
-    compiled kernel leaves room for (registers, shared memory; at most _PROGRAMS_PER_SM).
-    A grid sized for more runs a second, partly idle wave (e.g. the backward's reduction,
-    96 registers a thread in bf16: 5 programs per SM, against grids sized for 8). Knowing
-    that takes compiling the kernels first, so plans are cached per geometry and variant,
-    worked out on their first call; each key always gets the same plan, so the same call
-    always sums in the same order."""
+    launches (see launch.PlanCache). `merges_partials`: each program of the second pass reads
+    all partials of its channels, which caps the splits. `variant`: all else that selects the
+    compiled kernels (launch.variant_of every tensor the caller did not allocate, and the
+    flags); `launches`: the pass's launches for a plan."""
     input = tensors["input"]
     geometry = tuple((name, None if t is None else (t.shape, t.stride())) for name, t in tensors.items())
-    key = (geometry, variant, input.device)
-    cached = _PLANS.get(key)
-    if cached is None:
-        acc_itemsize, sm = stat_dtype(input.dtype).itemsize, _sm(input.device)
-        programs = _PROGRAMS_PER_SM
-        plan = _plan_geometry(geometry, acc_itemsize, sm.count, merges_partials, programs)
-        compiled = None
-        while _COMPILED:  # a refit changes only the splits: its round finds the same kernels, compiled
-            compiled = tuple(launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
-                             for launch in launches(plan))
-            fit = min(resident_programs(_registers(k), k.metadata.shared, k.metadata.num_warps, sm) for k in compiled)
-            if fit >= programs:
-                break
-            programs = fit
-            plan = _plan_geometry(geometry, acc_itemsize, sm.count, merges_partials, programs)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))  # the oldest
-        cached = _PLANS[key] = plan, compiled
-    return cached
-
-
-def _launch(launches: List[_Launch], compiled: Optional[tuple]) -> None:
-    """Runs a pass's launches: through Triton's JIT, or, where _plan compiled them, straight into
-    the compiled kernels, skipping the JIT's binding and specializing of every argument (6-13 us
-    a launch on the project's CPU machine, for 11-30 arguments). That is safe because the plan's
-    key fixes all the JIT specializes on: the tensors' dtypes and alignment (its variant; the
-    tensors allocated here are always aligned) and the integers (from the geometry)."""
-    if compiled is None:
-        for kernel, grid, args, meta in launches:
-            kernel[grid](*args, **meta)
-        return
-    for (kernel, grid, args, meta), binary in zip(launches, compiled):
-        # A compiled kernel takes every parameter in order, the constexprs (which follow the
-        # others in every kernel here) included.
-        binary[(*grid, 1)](*args, *(meta[name] for name in kernel.arg_names[len(args):]))
-
-
-def _variant(*items) -> tuple:
-    """A key of what selects compiled kernels besides the plan: each tensor's dtype and whether
-    it is 16-byte aligned (Triton specializes on both), absent ones and flags as they are."""
-    return tuple((t.dtype, t.data_ptr() % 16 == 0) if isinstance(t, Tensor) else t for t in items)
+    return _PLANS.get((geometry, variant), input.device,
+                      lambda sms, programs_per_sm: _plan_geometry(geometry, stat_dtype(input.dtype).itemsize, sms,
+                                                                  merges_partials, programs_per_sm),
+                      launches)
 
 
 Geometry = Tuple[Tuple[str, Optional[Tuple[Sequence[int], Sequence[int]]]], ...]  # (name, (shape, strides) or None)
@@ -650,11 +560,11 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if training:
         save_mean, save_invstd = input.new_empty(C, dtype=acc), input.new_empty(C, dtype=acc)
 
-    def launches(plan: _Plan) -> List[_Launch]:
+    def launches(plan: _Plan) -> List[launch.Launch]:
         partials = input.new_empty((3, plan.num_splits, C), dtype=acc) if training else None
-        stats = _Launch(_bn_stats_kernel, plan.grid, (input, partials, C, plan.L, *plan.strides["input"], *plan.tiling),
+        stats = launch.Launch(_bn_stats_kernel, plan.grid, (input, partials, C, plan.L, *plan.strides["input"], *plan.tiling),
                         dict(ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
-        normalize = _Launch(_bn_fwd_kernel, plan.grid, (
+        normalize = launch.Launch(_bn_fwd_kernel, plan.grid, (
             input, residual, output, weight, bias, running_mean, running_var, partials, save_mean, save_invstd,
             C, plan.L, input.numel() // C,
             *plan.strides["input"], *plan.strides["residual"], *plan.strides["output"],
@@ -667,9 +577,9 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
     with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
         plan, compiled = _plan({"input": input, "residual": residual, "output": output}, training,
-                               _variant(input, weight, bias, residual, running_mean, running_var, relu, training),
+                               launch.variant_of(input, weight, bias, residual, running_mean, running_var, relu, training),
                                launches)
-        _launch(launches(plan), compiled)
+        launch.run(launches(plan), compiled)
     return output, save_mean, save_invstd
 
 
@@ -716,19 +626,19 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
     # is computed from it: one tensor fewer to read than grad_output and output.
     residual_first = has_sums and relu and need_dr
 
-    def launches(plan: _Plan) -> List[_Launch]:
+    def launches(plan: _Plan) -> List[launch.Launch]:
         partials = input.new_empty((2, plan.num_splits, C), dtype=stat_dtype(input.dtype)) if has_sums else None
         dy, dy_strides = (grad_residual, plan.strides["grad_input"]) if residual_first else \
             (grad_output, plan.strides["grad_output"])
         # With neither grad_input nor grad_residual left to write, only the split-0
         # programs (grad_weight, grad_bias) have work.
         grid = plan.grid if need_dx or (need_dr and not residual_first) else (plan.grid[0], 1)
-        reduce = _Launch(_bn_bwd_reduce_kernel, plan.grid, (
+        reduce = launch.Launch(_bn_bwd_reduce_kernel, plan.grid, (
             grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
             *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
             *plan.strides["grad_input"], *plan.tiling),
             dict(RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
-        elementwise = _Launch(_bn_bwd_kernel, grid, (
+        elementwise = launch.Launch(_bn_bwd_kernel, grid, (
             dy, input, None if residual_first else output, grad_input, None if residual_first else grad_residual,
             weight, mean, invstd, partials, grad_weight, grad_bias, C, plan.L, input.numel() // C,
             *dy_strides, *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"], *plan.tiling),
@@ -741,8 +651,8 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
         plan, compiled = _plan({"grad_output": grad_output, "input": input, "output": output,
                                 # grad_input and grad_residual are both empty_like(input): one set of strides
                                 "grad_input": grad_input if need_dx else grad_residual}, has_sums,
-                               _variant(grad_output, input, output, weight, mean, invstd, training, relu, *output_mask),
+                               launch.variant_of(grad_output, input, output, weight, mean, invstd, training, relu, *output_mask),
                                launches)
-        _launch(launches(plan), compiled)
+        launch.run(launches(plan), compiled)
     return grads
 
