@@ -86,17 +86,24 @@ def param_dtype(dtype):
 
 
 def run_and_compare(backend, device, x, *, affine=True, residual=False, activation=None, training=True,
-                    running_stats=True, momentum=0.1, eps=1e-5, pdtype=None):
+                    running_stats=True, momentum=0.1, eps=1e-5, pdtype=None, operands_like_input=False):
     """One call of cnnkern.functional.batch_norm vs F.batch_norm (+ add, + relu) in the
-    same dtype vs the float64 oracle: output, gradients and running stats."""
+    same dtype vs the float64 oracle: output, gradients and running stats. The residual and
+    grad_output are NCHW, or of x's layout with `operands_like_input` (x dense)."""
     dtype, C = x.dtype, x.shape[1]
     pdtype = pdtype or param_dtype(dtype)
+
+    def operand():
+        if operands_like_input:
+            return torch.empty_like(x).normal_()
+        return torch.randn(x.shape, dtype=dtype, device=device)
+
     w = (torch.rand(C, dtype=pdtype, device=device) + 0.5) if affine else None
     b = torch.randn(C, dtype=pdtype, device=device) if affine else None
-    r = torch.randn(x.shape, dtype=dtype, device=device) if residual else None
+    r = operand() if residual else None
     rm = torch.randn(C, dtype=pdtype, device=device) if running_stats else None
     rv = (torch.rand(C, dtype=pdtype, device=device) + 0.5) if running_stats else None
-    grad_out = torch.randn(x.shape, dtype=dtype, device=device)
+    grad_out = operand()
 
     def leaves(to=None):
         ts = [t if t is None else (t.detach().to(to) if to else t.detach().clone()) for t in (x, w, b, r)]

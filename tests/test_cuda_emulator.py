@@ -199,6 +199,23 @@ def test_one_pass_vectorized_channels_last(cuda_emulator):
         torch.testing.assert_close(ours, theirs, rtol=8e-3, atol=1e-2, msg=name)
 
 
+# Every tensor channels_last and C a multiple of a 128-byte row's channels: the kernels run
+# 16-byte accesses along C with the most channel groups a block has (8, max_channel_groups in
+# csrc/cuda/bn_device.cuh, which sizes block_merge's and group_coefficients' shared arrays), in one
+# pass (a small GPU) and in two (an H100's L2).
+@pytest.mark.parametrize("shape,dtype", [((4, 64, 12, 12), torch.bfloat16), ((4, 32, 12, 12), torch.float32)],
+                         ids=["bf16", "f32"])
+@pytest.mark.parametrize("device,one_pass", [(LARGER_GPU, True), ({}, False)], ids=["one-pass", "two-pass"])
+def test_widest_channel_rows(cuda_emulator, shape, dtype, device, one_pass):
+    x = make_input(shape, dtype, "cpu", "channels_last", mean=3.0)
+    cuda_emulator.launched_grids()
+    with cuda_kernels_on_cpu(cuda_emulator, sms=3, **device):
+        run_and_compare("cpu", "cpu", x, training=True, operands_like_input=True, **FUSED)
+    grids = cuda_emulator.launched_grids()
+    assert grids and all(g[3] == one_pass for g in grids), grids
+    assert all(g[5] == 8 for g in grids), f"not 8 lanes along C (block x) in every launch: {grids}"
+
+
 # The launch plans of ResNet-50's batch-norm shapes at batch 128 on an emulated H100 (132 SMs,
 # 50 MB L2, 228 KB shared memory per SM), launches checked but not run (dry run): every launch
 # is valid (block and grid sizes, shared memory within the opt-in limit, a cooperative grid within
@@ -207,7 +224,7 @@ def test_one_pass_vectorized_channels_last(cuda_emulator):
 H100_PLANS = [
     # shape, dtype, (forward, backward) in one pass for NCHW, and for channels_last
     ((128, 64, 112, 112), torch.bfloat16, (True, True), (False, False)),  # CL: a 16-channel tile is 51 MB
-    ((128, 256, 56, 56), torch.bfloat16, (True, True), (True, False)),  # CL backward: 2 x 12.8 MB a tile
+    ((128, 256, 56, 56), torch.bfloat16, (True, True), (True, True)),
     ((128, 512, 28, 28), torch.bfloat16, (True, True), (True, True)),
     ((128, 1024, 14, 14), torch.bfloat16, (False, False), (False, False)),  # 51.4 MB: fits the 52.4 MB L2
     ((128, 2048, 7, 7), torch.bfloat16, (False, False), (False, False)),

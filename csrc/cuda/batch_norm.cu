@@ -61,6 +61,7 @@ constexpr int kMinStepsPerThread = 2;  // splitting finer only adds partials to 
 constexpr int kSectorBytes = 32;       // memory access granularity: along C, no row of a block's
                                        // channels is narrower
 constexpr int kLineBytes = 128;        // a cache line: the rows the two-pass kernels take along C
+static_assert(kLineBytes <= kMaxRowBytes, "block_merge and group_coefficients stage rows up to kMaxRowBytes");
 constexpr int64_t kMaxGridYZ = 65535;
 // A resident kernel's wait for the other blocks of its tile, once per round, in the bytes a block
 // moves meanwhile: about 2 us at 3 TB/s shared by 264 blocks. An estimate until a GPU measures it.

@@ -20,6 +20,16 @@ constexpr int kThreads = 256;  // threads per block, in every kernel (block_merg
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlocksPerSM = 2;  // resident blocks per SM that every kernel guarantees
                                  // (<= 128 registers) and grids are sized for
+constexpr int kMaxRowBytes = 128;  // along C, the widest row of a block's channels (make_plan)
+
+// The most channel groups (lanes along C of one row, channel_groups()) a block has for K channels
+// a thread: with K > 1 each lane reads 16-byte items of K channels, at most kMaxRowBytes a row;
+// with K == 1 (scalar items along C, or lanes along L) at most a warp. The per-group staging
+// arrays in shared memory are sized by it: a resident kernel keeps its data in what they leave.
+template <int K>
+__host__ __device__ constexpr int max_channel_groups() {
+  return K > 1 ? kMaxRowBytes / 16 : 32;
+}
 
 // Items a thread loads per step of one tensor, all issued before the first is used: 4 (64 bytes
 // of 16-byte vectors), or 8 of 2-byte scalars for 16 bytes in flight. More would not fit 128
@@ -358,7 +368,7 @@ using GradPartials = Partials<A, 2>;  // the backward's: GradSums
 // it.
 template <class Acc>
 __device__ Acc block_merge(Acc acc, int groups) {
-  __shared__ Acc warp_totals[kWarps][32];
+  __shared__ Acc warp_totals[kWarps][max_channel_groups<Acc::kChannels>()];
   const int rank = thread_rank(), lane = rank % 32, warp = rank / 32;
   __syncthreads();  // a previous call's readers are done with warp_totals
   // Lanes l and l ^ mask (mask >= groups, both powers of two) hold the same channels.
@@ -495,7 +505,7 @@ struct Coefficients {
 // their group's back from shared memory. Every thread of the block must call it.
 template <class Coefs, int K, class Tile, class Fill>
 __device__ Coefs group_coefficients(const Tile& tile, int groups, Fill fill) {
-  __shared__ Coefs shared[32];  // per channel group
+  __shared__ Coefs shared[max_channel_groups<K>()];
   const int rank = thread_rank();
   __syncthreads();  // a previous call's readers are done with shared
   if (rank < groups && tile.channel_ok) {

@@ -139,11 +139,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 }
 
 // The static __shared__ bytes of a resident kernel that merges `Acc` (block_merge's warp totals)
-// and keeps kCoefficients values of type A per channel (the coefficient table of 32 channel
-// groups): they share each SM's shared memory with the dynamic part.
+// and keeps kCoefficients values of type A per channel (group_coefficients' table): they share
+// each SM's shared memory with the dynamic part.
 template <class Acc, typename A, int kCoefficients>
 constexpr size_t resident_static_shared() {
-  return sizeof(Acc) * kWarps * 32 + sizeof(A) * 32 * kCoefficients * Acc::kChannels;
+  constexpr size_t groups = max_channel_groups<Acc::kChannels>();
+  return (sizeof(Acc) * kWarps + sizeof(A) * kCoefficients * Acc::kChannels) * groups;
 }
 
 }  // namespace cnnkern::cuda::bn

@@ -596,14 +596,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "launched_grids",
       [] {
-        std::vector<std::tuple<unsigned, unsigned, unsigned, bool, std::size_t>> grids;
+        std::vector<std::tuple<unsigned, unsigned, unsigned, bool, std::size_t, unsigned, unsigned>> grids;
         for (const cuda_emu::Launch& l : cuda_emu::g_launched) {
-          grids.emplace_back(l.grid.x, l.grid.y, l.grid.z, l.cooperative, l.shared_bytes);
+          grids.emplace_back(l.grid.x, l.grid.y, l.grid.z, l.cooperative, l.shared_bytes, l.block.x, l.block.y);
         }
         cuda_emu::g_launched.clear();
         return grids;
       },
-      "The launches run since the last call: grid (x, y, z), cooperative, dynamic shared bytes.");
+      "The launches run since the last call: grid (x, y, z), cooperative, dynamic shared bytes, block (x, y).");
   m.def(
       "set_dry_run", [](bool dry) { cuda_emu::g_dry_run = dry; },
       "Whether launches are only checked (configuration, shared memory, cooperative occupancy) and "
