@@ -76,6 +76,26 @@ def _table(results):
     return "\n".join(lines)
 
 
+_METRIC_NAMES = {"speedup_vs_eager": "x eager", "speedup_vs_compile": "x compile", "pct_of_copy": "% of copy"}
+
+
+def _targets_table(results) -> str:
+    """One line per cnnkern result that has targets: each target's value against its minimum."""
+    lines = []
+    for r in results:
+        checks = []
+        for metric, t in r.get("targets", {}).items():
+            got = "not measured" if t["got"] is None else f"{t['got']:.2f}"
+            checks.append(f"{_METRIC_NAMES[metric]} {got} (>= {t['want']:g}) {'met' if t['met'] else 'MISSED'}")
+        if checks:
+            lines.append(f"{r['case']:<44} {r['provider']:<21} " + "; ".join(checks))
+    if not lines:
+        return ""
+    met = sum(t["met"] for r in results for t in r.get("targets", {}).values())
+    total = sum(len(r.get("targets", {})) for r in results)
+    return "\n".join([f"targets (bench/batch_norm.py TARGETS): {met} of {total} met"] + lines)
+
+
 def _plot(results, path, title):
     """Speedup against eager per case, one panel per mode."""
     import matplotlib
@@ -153,6 +173,7 @@ def main(argv=None):
                 if why:
                     print(f"skipping {p} on {str(dtype)[6:]}: {why}")
         family_results = []
+        cases_by_label = {case.label: case for case, _ in todo}
         for i, (case, p) in enumerate(todo):
             _progress(i, len(todo), f"{case.label} {p}")
             t = time_fn(mod.make_fn(p, case, device), device, args.quick)
@@ -163,12 +184,16 @@ def main(argv=None):
                                        median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                                        bytes=case.bytes, gbps=gbps, copy_gbps=copy, pct_of_copy=100 * gbps / copy,
                                        peak_mem_mb=t.peak_mem_mb))
-            results[:] = [r for r in results if r["family"] != family] + mod.summarize(family_results)
+            results[:] = [r for r in results if r["family"] != family] + mod.summarize(
+                family_results, device, cases_by_label)
             save()
         _progress(len(todo), len(todo), "done")
         sys.stderr.write("\n")
 
     print(_table(results))
+    targets = _targets_table(results)
+    if targets:
+        print(targets)
     save()
     print(f"wrote {base}.json")
     if not args.no_plot and results:

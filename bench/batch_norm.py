@@ -38,6 +38,20 @@ MODES = {
 # (CNNKERN_CUDA_ONE_PASS=0), to measure what they gain.
 PROVIDERS = ("cnnkern-triton", "cnnkern-cuda", "cnnkern-cuda-two-pass", "cnnkern-cpu", "eager", "compile")
 
+# The performance targets (issue 2): per device type, the cases they cover and the least value of
+# each metric of a cnnkern provider. On a GPU, every mode's kernels reach 80% of the copy
+# bandwidth on the bytes they must move.
+_GPU_MODE_TARGETS = {
+    "fwd_relu": {"speedup_vs_eager": 1.5, "speedup_vs_compile": 1.1},
+    "bwd_add_relu": {"speedup_vs_eager": 1.5},
+}
+TARGETS = {
+    "cuda": lambda case: ({**_GPU_MODE_TARGETS.get(case.mode, {}), "pct_of_copy": 80.0}
+                          if case.dtype in (torch.bfloat16, torch.float32) else {}),
+    "cpu": lambda case: ({"speedup_vs_eager": 1.5} if case.mode == "fwd_bwd_relu" and case.dtype == torch.float32
+                         and case.shape == (32, 64, 56, 56) else {}),
+}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -133,8 +147,10 @@ def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], obj
     return lambda: torch.autograd.grad(y, inputs, g, retain_graph=True)
 
 
-def summarize(results: List[Dict]) -> List[Dict]:
-    """Adds speedups against eager and torch.compile of the same case."""
+def summarize(results: List[Dict], device: torch.device, cases_by_label: Dict[str, Case]) -> List[Dict]:
+    """Adds speedups against eager and torch.compile of the same case and, to the cnnkern
+    providers' results, the targets that apply: {metric: {"want", "got", "met"}}, "got" None
+    where the run lacks what the metric compares with."""
     by_case = {}
     for r in results:
         by_case.setdefault(r["case"], {})[r["provider"]] = r
@@ -143,4 +159,8 @@ def summarize(results: List[Dict]) -> List[Dict]:
         for other in ("eager", "compile"):
             if other in peers:
                 r[f"speedup_vs_{other}"] = peers[other]["median_ms"] / r["median_ms"]
+        if r["provider"].startswith("cnnkern-"):
+            wants = TARGETS.get(device.type, lambda case: {})(cases_by_label[r["case"]])
+            r["targets"] = {metric: dict(want=want, got=r.get(metric), met=r.get(metric) is not None and
+                                         r[metric] >= want) for metric, want in wants.items()}
     return results

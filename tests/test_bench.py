@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import dram, host
-from bench.__main__ import parse_args
+from bench.__main__ import _targets_table, parse_args
 from bench.cli import comma_list
 
 NCU_CSV = '''==PROF== Connected to process 123
@@ -91,3 +91,34 @@ def test_host_table_times_every_layer_without_launching():
         "wrapper forward", "wrapper backward", "op forward", "op backward", "functional, no grad",
         "autograd forward", "autograd forward + backward"]
     assert all(row.split()[0] == "triton" and float(row.split()[-1]) > 0 for row in rows)
+
+
+def test_targets_follow_the_issue():
+    """On a GPU: fwd_relu >= 1.5x eager and >= 1.1x torch.compile, bwd_add_relu >= 1.5x eager,
+    every mode >= 80% of copy, for bf16 and fp32; a metric the run lacks is not met."""
+    from bench.batch_norm import Case, summarize
+
+    shape = (128, 256, 56, 56)
+    cases = [Case("fwd_relu", shape, torch.bfloat16, "nchw"), Case("eval_relu", shape, torch.float32, "nchw"),
+             Case("fwd_relu", shape, torch.float64, "nchw")]
+
+    def result(case, provider, ms, pct=50.0):
+        return dict(case=case.label, provider=provider, median_ms=ms, pct_of_copy=pct)
+
+    results = [result(cases[0], "eager", 3.0), result(cases[0], "compile", 1.0), result(cases[0], "cnnkern-cuda", 1.0, 85.0),
+               result(cases[1], "cnnkern-triton", 1.0), result(cases[2], "cnnkern-cuda", 1.0)]
+    summarize(results, torch.device("cuda"), {c.label: c for c in cases})
+    fwd, evaluation, fp64 = results[2]["targets"], results[3]["targets"], results[4]["targets"]
+    assert {m: (t["want"], t["met"]) for m, t in fwd.items()} == {
+        "speedup_vs_eager": (1.5, True), "speedup_vs_compile": (1.1, False), "pct_of_copy": (80.0, True)}
+    assert evaluation == {"pct_of_copy": dict(want=80.0, got=50.0, met=False)}
+    assert fp64 == {} and "targets" not in results[0]
+    table = _targets_table(results)
+    assert table.splitlines()[0].endswith("2 of 4 met")
+    assert "x compile 1.00 (>= 1.1) MISSED" in table and "x eager 3.00 (>= 1.5) met" in table
+
+    cpu_case = Case("fwd_bwd_relu", (32, 64, 56, 56), torch.float32, "nchw")
+    cpu = [result(cpu_case, "cnnkern-cpu", 1.0)]  # no eager in this run
+    summarize(cpu, torch.device("cpu"), {cpu_case.label: cpu_case})
+    assert cpu[0]["targets"] == {"speedup_vs_eager": dict(want=1.5, got=None, met=False)}
+    assert "x eager not measured (>= 1.5) MISSED" in _targets_table(cpu)
