@@ -163,6 +163,20 @@ def test_one_pass_training(cuda_emulator, shape, dtype, layout, sms, device, opt
     assert (grids[0][3], sum(g[3] for g in grids) - grids[0][3]) == one_pass, grids
 
 
+# Along L the one-pass plan takes the lane count (32, 16 or 8 a row) of the least time
+# (plan_call), where the two-pass plan takes 32 here: fewer lanes a row, more samples a step.
+@pytest.mark.parametrize("shape,dtype,lanes", [((32, 3, 36, 36), torch.float32, (16, 16)),
+                                               ((32, 2, 40, 40), torch.bfloat16, (8, 32))], ids=["f32", "bf16"])
+def test_one_pass_lanes_along_l(cuda_emulator, shape, dtype, lanes):
+    x = make_input(shape, dtype, "cpu", "nchw", mean=3.0)
+    cuda_emulator.launched_grids()
+    with cuda_kernels_on_cpu(cuda_emulator, sms=3, **LARGER_GPU):
+        run_and_compare("cpu", "cpu", x, training=True, **FUSED)
+    grids = cuda_emulator.launched_grids()
+    forward, backward = grids  # one cooperative launch each
+    assert forward[3] and backward[3] and (forward[5], backward[5]) == lanes, grids
+
+
 def test_one_pass_switched_off(cuda_emulator, monkeypatch):
     monkeypatch.setenv("CNNKERN_CUDA_ONE_PASS", "0")
     x = make_input((4, 12, 20, 20), torch.float32, "cpu", "nchw")

@@ -177,11 +177,12 @@ void split_plan(int64_t want, Plan* plan) {
 }
 
 // Plans a launch over ops[0..num_ops) (ops[0]: the input, which picks the orientation), along C
-// with rows of a block's channels `row_bytes` wide where C allows. Rewrites the views in place
+// with rows of a block's channels `row_bytes` wide where C allows, along L with at most
+// `max_lanes_l` lanes a row (more where the batch is too small to fill the block's rows). Rewrites the views in place
 // (so planning them again gives the same views): with L == 1, sL = sN (l is always 0, and this
 // lets n merge into l); and (N, L) merge into L when every present view allows it (sN == L * sL,
 // e.g. channels_last).
-cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, int row_bytes, Plan* plan) {
+cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, int row_bytes, Plan* plan, int max_lanes_l = 32) {
   Strided3d& in = ops[0].view;
   if (in.N < 1 || in.C < 1 || in.L < 1) return cudaErrorInvalidValue;
   DeviceLimits device;
@@ -220,7 +221,7 @@ cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, int row_bytes, Pla
   } else {
     // Enough lanes along l to cover a row in one step (at most a warp), then no more threads
     // along n than there are batch indices.
-    tx = std::min<int64_t>(32, pow2_ceil(ceil_div(items, steps)));
+    tx = std::min<int64_t>(max_lanes_l, pow2_ceil(ceil_div(items, steps)));
     while (tx < kThreads && kThreads / tx > in.N) tx *= 2;
   }
   const int64_t ty = kThreads / tx;
@@ -289,14 +290,15 @@ struct ResidentPlan {
 // re-read it from L2 anyway) and the grid can hold every channel tile of a round in shared memory,
 // kBlocksPerSM blocks per SM, next to the kernel's `static_shared` bytes. Among the split counts
 // that fit, the one with the least time for the busiest block: rounds x (its bytes per round +
-// kRoundOverheadBytes); ties go to fewer splits (fewer partials to merge).
+// kRoundOverheadBytes); ties go to fewer splits (fewer partials to merge). Returns that time, in
+// bytes, or INT64_MAX where no split count fits (and `out` is left as it was).
 template <typename T, bool kAlongC, int VEC>
-bool plan_resident(const Plan& base, const DeviceLimits& device, int kept_tensors, size_t static_shared,
-                   ResidentPlan* out) {
+int64_t plan_resident(const Plan& base, const DeviceLimits& device, int kept_tensors, size_t static_shared,
+                      ResidentPlan* out) {
   constexpr int U = items_per_step(sizeof(T) * VEC);
   const Tiling& t = base.tiling;
   const int64_t bytes = t.N * t.C * t.items * (kAlongC ? 1 : VEC) * int64_t(sizeof(T));
-  if (!device.cooperative || bytes <= device.l2_bytes) return false;
+  if (!device.cooperative || bytes <= device.l2_bytes) return INT64_MAX;
   constexpr int64_t kReservedPerBlock = 1024;  // the driver's share of each block's shared memory
   const int64_t budget =
       std::min<int64_t>(device.shared_per_block, device.shared_per_sm / kBlocksPerSM - kReservedPerBlock) -
@@ -316,7 +318,7 @@ bool plan_resident(const Plan& base, const DeviceLimits& device, int kept_tensor
     p.grid.x = unsigned(tiles_per_round);
     *out = ResidentPlan{p, channel_tiles, kept, size_t(shared)};
   }
-  return best != INT64_MAX;
+  return best;
 }
 
 // ---- host: dispatch and launchers ------------------------------------------------------------
@@ -380,7 +382,10 @@ bool backward_needs_sums(const BnBackwardArgs& a) {
 // kernel keeps kKept tensors in shared memory and merges Acc partials, with a table of
 // kCoefficients values per channel (resident_static_shared).
 // Along C, the one-pass plan takes the widest rows, from the two-pass kernels' down to a sector,
-// whose channel tiles a round can keep in shared memory.
+// whose channel tiles a round can keep in shared memory. Along L it takes the lane count, from a
+// warp down to a 128-byte row, of the least time (plan_resident): fewer lanes a row mean more
+// samples a step, which can fit a block's share of the samples into its shared memory with less
+// padding (a row's items and a split's samples both come in whole steps).
 template <typename T, template <typename, int> class Acc, int kKept, int kCoefficients, size_t kOps>
 cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass_kernel, Plan* plan,
                       std::optional<ResidentPlan>* resident) {
@@ -398,18 +403,35 @@ cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass
     using A = acc_t<T>;
     const size_t static_shared = resident_static_shared<Acc<A, K>, A, kCoefficients>();
     Plan base = *plan;
-    for (int row = row_bytes; row >= kSectorBytes; row /= 2) {
-      if (row != row_bytes) {
-        if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), row, &base); err != cudaSuccess) {
-          return err;
+    ResidentPlan r;
+    if constexpr (kAlongC) {
+      for (int row = row_bytes; row >= kSectorBytes; row /= 2) {
+        if (row != row_bytes) {
+          if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), row, &base); err != cudaSuccess) {
+            return err;
+          }
+        }
+        if (plan_resident<T, kAlongC, VEC>(base, device, kKept, static_shared, &r) != INT64_MAX) {
+          *resident = r;
+          break;
         }
       }
-      ResidentPlan r;
-      if (plan_resident<T, kAlongC, VEC>(base, device, kKept, static_shared, &r)) {
-        *resident = r;
-        break;
+    } else {
+      int64_t best = INT64_MAX;
+      const int line_lanes = kLineBytes / int(sizeof(T) * VEC);  // lanes that read a line a row
+      for (int lanes = 32;; lanes /= 2) {
+        if (lanes != 32) {
+          if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), row_bytes, &base, lanes);
+              err != cudaSuccess) {
+            return err;
+          }
+        }
+        if (const int64_t cost = plan_resident<T, kAlongC, VEC>(base, device, kKept, static_shared, &r); cost < best) {
+          best = cost;
+          *resident = r;
+        }
+        if (lanes <= line_lanes) break;
       }
-      if (!kAlongC) break;  // rows are along C only
     }
     return cudaSuccess;
   });
