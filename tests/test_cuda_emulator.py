@@ -177,6 +177,17 @@ def test_one_pass_lanes_along_l(cuda_emulator, shape, dtype, lanes):
     assert forward[3] and backward[3] and (forward[5], backward[5]) == lanes, grids
 
 
+def test_plans_are_remembered_per_alignment(cuda_emulator):
+    """The launchers remember plans per call geometry (plan_call): an input at an address that
+    is not 16-byte aligned, of the same sizes and strides, is another geometry, whose kernels
+    take scalar accesses (the emulator checks the alignment of every 16-byte access)."""
+    aligned = make_input((4, 8, 6, 6), torch.float32, "cpu", "nchw")
+    unaligned = torch.empty(aligned.numel() + 1)[1:].view(aligned.shape).copy_(aligned)
+    with cuda_kernels_on_cpu(cuda_emulator, sms=3):
+        for x in (aligned, unaligned, aligned):
+            run_and_compare("cpu", "cpu", x, training=True, **FUSED)
+
+
 def test_one_pass_switched_off(cuda_emulator, monkeypatch):
     monkeypatch.setenv("CNNKERN_CUDA_ONE_PASS", "0")
     x = make_input((4, 12, 20, 20), torch.float32, "cpu", "nchw")

@@ -46,6 +46,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 
 #include "cuda/bn_one_pass.cuh"
@@ -387,8 +388,8 @@ bool backward_needs_sums(const BnBackwardArgs& a) {
 // samples a step, which can fit a block's share of the samples into its shared memory with less
 // padding (a row's items and a split's samples both come in whole steps).
 template <typename T, template <typename, int> class Acc, int kKept, int kCoefficients, size_t kOps>
-cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass_kernel, Plan* plan,
-                      std::optional<ResidentPlan>* resident) {
+cudaError_t plan_call_uncached(DType dtype, std::array<Operand, kOps>& ops, bool one_pass_kernel, Plan* plan,
+                               std::optional<ResidentPlan>* resident) {
   const int row_bytes = two_pass_row_bytes();
   if (const cudaError_t err = make_plan(dtype, ops.data(), int(ops.size()), row_bytes, plan); err != cudaSuccess) {
     return err;
@@ -435,6 +436,76 @@ cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass
     }
     return cudaSuccess;
   });
+}
+
+// What plan_call's plans depend on: the current device, the two-pass row width, whether the call
+// has a one-pass kernel, and per operand whether it is present, whether it is 16-byte aligned and
+// its view.
+template <size_t kOps>
+struct PlanKey {
+  std::array<int64_t, 3 + 8 * kOps> values;
+
+  bool operator==(const PlanKey& o) const { return values == o.values; }
+};
+
+template <size_t kOps>
+struct PlanKeyHash {
+  size_t operator()(const PlanKey<kOps>& key) const {
+    uint64_t h = 14695981039346656037ull;  // FNV-1a over the values
+    for (const int64_t v : key.values) h = (h ^ uint64_t(v)) * 1099511628211ull;
+    return size_t(h);
+  }
+};
+
+template <size_t kOps>
+struct PlannedCall {
+  Plan plan;
+  std::optional<ResidentPlan> resident;
+  std::array<Strided3d, kOps> views;  // the operands' views as make_plan rewrote them
+};
+
+// plan_call_uncached, remembered per key: planning a one-pass call searches every split count of
+// up to three row shapes (tens of microseconds of host time), and a training step asks for the
+// same few plans at every call, twice (the workspace query, then the launch).
+template <typename T, template <typename, int> class Acc, int kKept, int kCoefficients, size_t kOps>
+cudaError_t plan_call(DType dtype, std::array<Operand, kOps>& ops, bool one_pass_kernel, Plan* plan,
+                      std::optional<ResidentPlan>* resident) {
+  constexpr size_t kMaxPlans = 1024;  // then start afresh: a process sees a few dozen geometries
+  static std::mutex mutex;
+  static std::unordered_map<PlanKey<kOps>, PlannedCall<kOps>, PlanKeyHash<kOps>> planned;
+  PlanKey<kOps> key{};
+  int device = 0;
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  key.values[0] = device;
+  key.values[1] = two_pass_row_bytes();
+  key.values[2] = one_pass_kernel;
+  for (size_t j = 0; j < kOps; ++j) {
+    if (!ops[j].data) continue;  // absent: zeros, whatever its view holds
+    const Strided3d& v = ops[j].view;
+    const int64_t aligned = reinterpret_cast<uintptr_t>(ops[j].data) % 16 == 0;
+    const std::array<int64_t, 8> values = {1, aligned, v.N, v.C, v.L, v.sN, v.sC, v.sL};
+    std::copy(values.begin(), values.end(), key.values.begin() + 3 + 8 * j);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = planned.find(key); it != planned.end()) {
+      *plan = it->second.plan;
+      *resident = it->second.resident;
+      for (size_t j = 0; j < kOps; ++j) ops[j].view = it->second.views[j];
+      return cudaSuccess;
+    }
+  }
+  if (const cudaError_t err = plan_call_uncached<T, Acc, kKept, kCoefficients>(dtype, ops, one_pass_kernel, plan,
+                                                                               resident);
+      err != cudaSuccess) {
+    return err;
+  }
+  PlannedCall<kOps> call{*plan, *resident, {}};
+  for (size_t j = 0; j < kOps; ++j) call.views[j] = ops[j].view;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (planned.size() >= kMaxPlans) planned.clear();
+  planned.emplace(key, call);
+  return cudaSuccess;
 }
 
 // The forward's plans: the one-pass kernel keeps x (training only).
