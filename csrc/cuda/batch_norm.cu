@@ -179,10 +179,10 @@ void split_plan(int64_t want, Plan* plan) {
 
 // Plans a launch over ops[0..num_ops) (ops[0]: the input, which picks the orientation), along C
 // with rows of a block's channels `row_bytes` wide where C allows, along L with at most
-// `max_lanes_l` lanes a row (more where the batch is too small to fill the block's rows). Rewrites the views in place
-// (so planning them again gives the same views): with L == 1, sL = sN (l is always 0, and this
-// lets n merge into l); and (N, L) merge into L when every present view allows it (sN == L * sL,
-// e.g. channels_last).
+// `max_lanes_l` lanes a row (more where the batch is too small to fill the block's rows).
+// Rewrites the views in place (so planning them again gives the same views): with L == 1,
+// sL = sN (l is always 0, and this lets n merge into l); and (N, L) merge into L when every
+// present view allows it (sN == L * sL, e.g. channels_last).
 cudaError_t make_plan(DType dtype, Operand* ops, int num_ops, int row_bytes, Plan* plan, int max_lanes_l = 32) {
   Strided3d& in = ops[0].view;
   if (in.N < 1 || in.C < 1 || in.L < 1) return cudaErrorInvalidValue;
