@@ -93,7 +93,7 @@ def _targets_table(results) -> str:
         return ""
     met = sum(t["met"] for r in results for t in r.get("targets", {}).values())
     total = sum(len(r.get("targets", {})) for r in results)
-    return "\n".join([f"targets (bench/batch_norm.py TARGETS): {met} of {total} met"] + lines)
+    return "\n".join([f"targets (bench/batch_norm.py, targets()): {met} of {total} met"] + lines)
 
 
 def _plot(results, path, title):
