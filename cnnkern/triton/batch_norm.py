@@ -564,8 +564,6 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
     def launches(plan: _Plan) -> List[launch.Launch]:
         partials = input.new_empty((3, plan.num_splits, C), dtype=acc) if training else None
-        stats = launch.Launch(_bn_stats_kernel, plan.grid, (input, partials, C, plan.L, *plan.strides["input"], *plan.tiling),
-                        dict(ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
         normalize = launch.Launch(_bn_fwd_kernel, plan.grid, (
             input, residual, output, weight, bias, running_mean, running_var, partials, save_mean, save_invstd,
             C, plan.L, input.numel() // C,
@@ -575,11 +573,17 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             HAS_RESIDUAL=residual is not None, HAS_RUNNING_MEAN=running_mean is not None,
             HAS_RUNNING_VAR=running_var is not None, RELU=relu, ACC_DTYPE=_tl_acc_dtype(input),
             SPLITS_BLOCK=plan.splits_block, **plan.meta))
-        return [stats, normalize] if training else [normalize]
+        if not training:
+            return [normalize]
+        stats = launch.Launch(_bn_stats_kernel, plan.grid,
+                              (input, partials, C, plan.L, *plan.strides["input"], *plan.tiling),
+                              dict(ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
+        return [stats, normalize]
 
     with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
         plan, compiled = _plan({"input": input, "residual": residual, "output": output}, training,
-                               launch.variant_of(input, weight, bias, residual, running_mean, running_var, relu, training),
+                               launch.variant_of(input, weight, bias, residual, running_mean, running_var, relu,
+                                                 training),
                                launches)
         launch.run(launches(plan), compiled)
     return output, save_mean, save_invstd
@@ -635,11 +639,6 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
         # With neither grad_input nor grad_residual left to write, only the split-0
         # programs (grad_weight, grad_bias) have work.
         grid = plan.grid if need_dx or (need_dr and not residual_first) else (plan.grid[0], 1)
-        reduce = launch.Launch(_bn_bwd_reduce_kernel, plan.grid, (
-            grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
-            *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
-            *plan.strides["grad_input"], *plan.tiling),
-            dict(RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
         elementwise = launch.Launch(_bn_bwd_kernel, grid, (
             dy, input, None if residual_first else output, grad_input, None if residual_first else grad_residual,
             weight, mean, invstd, partials, grad_weight, grad_bias, C, plan.L, input.numel() // C,
@@ -647,13 +646,21 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
             dict(TRAINING=training, RELU=relu and not residual_first, HAS_WEIGHT=weight is not None,
                  HAS_SUMS=has_sums, HAS_DX=need_dx, HAS_DR=need_dr and not residual_first, HAS_DW=need_dw,
                  HAS_DB=need_db, ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=plan.splits_block, **plan.meta))
-        return [reduce, elementwise] if has_sums else [elementwise]
+        if not has_sums:
+            return [elementwise]
+        reduce = launch.Launch(_bn_bwd_reduce_kernel, plan.grid, (
+            grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
+            *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
+            *plan.strides["grad_input"], *plan.tiling),
+            dict(RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
+        return [reduce, elementwise]
 
     with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
         plan, compiled = _plan({"grad_output": grad_output, "input": input, "output": output,
                                 # grad_input and grad_residual are both empty_like(input): one set of strides
                                 "grad_input": grad_input if need_dx else grad_residual}, has_sums,
-                               launch.variant_of(grad_output, input, output, weight, mean, invstd, training, relu, *output_mask),
+                               launch.variant_of(grad_output, input, output, weight, mean, invstd, training, relu,
+                                                 *output_mask),
                                launches)
         launch.run(launches(plan), compiled)
     return grads
