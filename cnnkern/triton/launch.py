@@ -72,6 +72,7 @@ class Launch(NamedTuple):
     grid: Tuple[int, ...]
     args: tuple
     meta: Mapping[str, Any]  # constexprs (which follow the other parameters) and launch options
+    fills_gpu: bool = True  # its grid is the plan's, sized to fill the GPU; False: a small grid of its own
 
 
 def variant_of(*items) -> tuple:
@@ -101,7 +102,8 @@ class PlanCache(Generic[Plan]):
         are the plan's launches.
 
         The grid fills the GPU in one wave: as many programs per SM as the least resident of
-        the compiled kernels allows (registers, shared memory), at most most_programs_per_sm.
+        the compiled kernels that fill the GPU allows (registers, shared memory), at most
+        most_programs_per_sm.
         A grid sized for more runs a second, partly idle wave (e.g. batch norm's backward
         reduction, 96 registers a thread in bf16: 5 programs per SM, against grids sized for 8)."""
         key = (key, device)
@@ -112,10 +114,11 @@ class PlanCache(Generic[Plan]):
         programs = self.most_programs_per_sm
         plan, compiled = plan_for(sm.count, programs), None
         while COMPILED:  # a refit changes only the grid: its round finds the same kernels, compiled
+            pass_launches = launches(plan)
             compiled = tuple(launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
-                             for launch in launches(plan))
+                             for launch in pass_launches)
             fit = min(resident_programs(registers_of(k), k.metadata.shared, k.metadata.num_warps, sm)
-                      for k in compiled)
+                      for k, launch in zip(compiled, pass_launches) if launch.fills_gpu)
             if fit >= programs:
                 break
             programs = fit
@@ -132,9 +135,10 @@ def run(launches: List[Launch], compiled: Optional[tuple]) -> None:
     argument (6-13 us a launch on the project's CPU machine, for 11-30 arguments). That is safe
     because the plan's key fixes all the JIT specializes on."""
     if compiled is None:
-        for kernel, grid, args, meta in launches:
-            kernel[grid](*args, **meta)
+        for launch in launches:
+            launch.kernel[launch.grid](*launch.args, **launch.meta)
         return
-    for (kernel, grid, args, meta), binary in zip(launches, compiled):
+    for launch, binary in zip(launches, compiled):
         # A compiled kernel takes every parameter in order, the constexprs included.
-        binary[(*grid, 1, 1)[:3]](*args, *(meta[name] for name in kernel.arg_names[len(args):]))
+        binary[(*launch.grid, 1, 1)[:3]](*launch.args,
+                                          *(launch.meta[name] for name in launch.kernel.arg_names[len(launch.args):]))
