@@ -33,13 +33,14 @@ def test_tiles_fill_the_threads(shape, layout, residual_layout, merges_partials,
     x, r = meta_tensor(shape, dtype, layout), meta_tensor(shape, dtype, residual_layout)
     geometry = (("input", (x.shape, x.stride())), ("residual", (r.shape, r.stride())))
     acc_bytes = 8 if dtype == torch.float64 else 4
-    plan = batch_norm._plan_geometry(geometry, acc_bytes, 132, merges_partials, 8)
+    plan = batch_norm._plan_geometry(geometry, x.element_size(), acc_bytes, 132, merges_partials, 8)
     block_l, block_c = plan.meta["BLOCK_L"], plan.meta["BLOCK_C"]
     assert block_l * block_c * acc_bytes <= batch_norm._TILE_BYTES
     # One value per thread, unless the channels or a sample's positions are fewer.
     want = min(batch_norm._THREADS, block_c * plan.L, block_l * shape[1])
     assert block_l * block_c >= want, (block_l, block_c)
-    l_blocks, num_tiles, tiles_per_split, num_splits = plan.tiling
+    l_blocks, num_tiles, tiles_per_split = plan.tiling
+    num_splits = plan.num_splits
     assert l_blocks * block_l >= plan.L and num_splits * tiles_per_split >= num_tiles
     assert plan.grid == (-(-shape[1] // block_c), num_splits)
 
@@ -110,6 +111,25 @@ def test_plan_cache_refits_to_the_least_resident_kernel(monkeypatch):
     assert cache.get("call", torch.device("cpu"), plan_for, launches)[1] is compiled and asked == [8, 5]
 
 
+def test_plan_cache_fits_only_the_kernels_that_fill_the_gpu(monkeypatch):
+    """A launch with a small grid of its own (batch norm's merge of the partials) runs however
+    few of its programs an SM holds: its registers do not shrink the plan's grid."""
+    monkeypatch.setattr(launch, "COMPILED", True)
+    monkeypatch.setattr(launch, "sm_of", lambda device: H100)
+    asked = []
+
+    def plan_for(sms, programs_per_sm):
+        asked.append(programs_per_sm)
+        return sms * programs_per_sm
+
+    def launches(plan):
+        return [launch.Launch(_Kernel(64), (plan,), (None, 7), {"BLOCK": 16, "num_warps": 4}),
+                launch.Launch(_Kernel(255), (3,), (None, 7), {"BLOCK": 16, "num_warps": 4}, fills_gpu=False)]
+
+    plan, compiled = launch.PlanCache(most_programs_per_sm=8).get("call", torch.device("cpu"), plan_for, launches)
+    assert asked == [8] and plan == 8 * H100.count and len(compiled) == 2
+
+
 def test_plan_cache_drops_the_oldest(monkeypatch):
     monkeypatch.setattr(launch, "COMPILED", False)
     cache = launch.PlanCache(most_programs_per_sm=8, size=2)
@@ -133,11 +153,11 @@ def test_grids_take_one_wave(shape, layout, residual_layout, programs_per_sm):
     and all of those the reduction can use."""
     x, r = meta_tensor(shape, torch.bfloat16, layout), meta_tensor(shape, torch.bfloat16, residual_layout)
     geometry = (("input", (x.shape, x.stride())), ("residual", (r.shape, r.stride())))
-    plan = batch_norm._plan_geometry(geometry, 4, H100.count, True, programs_per_sm)
+    plan = batch_norm._plan_geometry(geometry, 2, 4, H100.count, True, programs_per_sm)
     channel_blocks, splits = plan.grid
     one_wave = programs_per_sm * H100.count
     assert channel_blocks * splits <= max(one_wave, channel_blocks)
-    wider = batch_norm._plan_geometry(geometry, 4, H100.count, True, programs_per_sm * 2)
+    wider = batch_norm._plan_geometry(geometry, 2, 4, H100.count, True, programs_per_sm * 2)
     assert wider.grid[0] * wider.grid[1] >= channel_blocks * splits
 
 

@@ -143,7 +143,7 @@ def main():
         JIT picks for its arguments (the same specialization), with the arguments the JIT binds."""
         assert compiled is not None and len(compiled) == len(pass_launches), "no compiled kernels to launch"
         for launch, binary in zip(pass_launches, compiled):
-            kernel, grid, args, meta = launch
+            kernel, grid, args, meta = launch.kernel, launch.grid, launch.args, launch.meta
             name = kernel.fn.__name__
             if binary is not kernel.run(*args, grid=grid, warmup=True, **meta):
                 raise AssertionError(f"{name}: the plan's compiled kernel is not the one the JIT picks")
@@ -154,7 +154,7 @@ def main():
                     a is b or (not isinstance(a, torch.Tensor) and a == b) for a, b in zip(given[1], bound.values())):
                 raise AssertionError(f"{name}: launched with {_describe(given[1])} on {given[0]}, "
                                      f"the JIT binds {_describe(bound.values())}")
-            launches.append((name, grid, binary))
+            launches.append((name, grid, binary, launch.fills_gpu))
 
     launcher.run = checked_launch
     launcher.registers_of = _registers  # Triton reads them when it loads the binary onto a GPU
@@ -170,10 +170,10 @@ def main():
                 call()
             except Exception as e:
                 raise RuntimeError(f"sm_{arch}, {label}: {type(e).__name__}: {e}") from e
-            for name, (channel_blocks, splits), kernel in launches:
+            for name, (channel_blocks, splits), kernel, fills_gpu in launches:
                 first_use.setdefault(kernel, (name, label))
                 # One wave (launcher.PlanCache), unless the channel blocks alone are more.
-                if channel_blocks * splits > max(_resident(kernel, sm) * sm.count, channel_blocks):
+                if fills_gpu and channel_blocks * splits > max(_resident(kernel, sm) * sm.count, channel_blocks):
                     sys.exit(f"sm_{arch}, {label}: {name}'s grid {channel_blocks}x{splits} takes more than "
                              f"one wave of {_resident(kernel, sm)} programs per SM")
 
@@ -183,9 +183,10 @@ def main():
         arch = kernel.metadata.target.arch
         rows.append((name, arch, kernel.metadata.num_warps, regs, stack, shared + kernel.metadata.shared,
                      _resident(kernel, SMS[arch]), label))
-    print(f"{'kernel':<22} {'arch':>4} {'warps':>5} {'regs':>4} {'stack':>5} {'smem':>6} {'per SM':>6}  first needed by")
+    print(f"{'kernel':<26} {'arch':>4} {'warps':>5} {'regs':>4} {'stack':>5} {'smem':>6} {'per SM':>6}"
+          "  first needed by")
     for row in sorted(rows, key=lambda r: (r[0], r[1], -r[3])):
-        print("{:<22} {:>4} {:>5} {:>4} {:>5} {:>6} {:>6}  {}".format(*row))
+        print("{:<26} {:>4} {:>5} {:>4} {:>5} {:>6} {:>6}  {}".format(*row))
     print(f"compiled {len(rows)} kernels: " + ", ".join(sorted({r[0] for r in rows})))
     if args.host_time:
         host_times(direct_launch)

@@ -17,6 +17,10 @@ Launches, all on the same (channel block, split) grid:
   backward          _bn_bwd_reduce_kernel per-split sum(dy), sum(dy * (x - mean))
                     _bn_bwd_kernel        merges them, writes grad_input / grad_residual;
                                           split 0 writes grad_weight / grad_bias
+Where every second-pass program merging all its channels' partials would cap the splits
+so low that the grid fills the GPU only with channel blocks too narrow for whole-line rows
+(channels_last training), _bn_merge_partials_kernel merges them once per channel between
+the passes, on a small grid of its own, and the second pass reads one partial a channel.
 The second passes walk everything backwards (programs in reverse launch order, each
 one's tiles last to first): they start on the tiles the first pass read last, which
 are still in L2, so a tensor that fits in L2 is read from DRAM once, and a larger one
@@ -82,12 +86,22 @@ def _program(C, BACKWARDS: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _split_partials(partials_ptr, j, num_splits, C, channels, c_ok, SPLITS_BLOCK: tl.constexpr):
+def _split_partials(partials_ptr, j, first, num_splits, C, channels, c_ok, SPLITS_BLOCK: tl.constexpr):
     """[SPLITS_BLOCK, BLOCK_C] array j of the (arrays, num_splits, C) partials, at `channels`:
-    one row per split, zeros past num_splits and C."""
-    splits = tl.arange(0, SPLITS_BLOCK)[:, None]
+    one row per split from split `first` on, zeros past num_splits and C."""
+    splits = first + tl.arange(0, SPLITS_BLOCK)[:, None]
     return tl.load(partials_ptr + (j * num_splits + splits) * C + channels[None, :],
                    mask=(splits < num_splits) & c_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _summed_partials(partials_ptr, j, num_splits, C, channels, c_ok, SPLITS_BLOCK: tl.constexpr):
+    """[BLOCK_C] sum over the splits of array j of the (arrays, num_splits, C) partials,
+    SPLITS_BLOCK splits at a time."""
+    total = tl.sum(_split_partials(partials_ptr, j, 0, num_splits, C, channels, c_ok, SPLITS_BLOCK), 0)
+    for first in range(SPLITS_BLOCK, num_splits, SPLITS_BLOCK):
+        total += tl.sum(_split_partials(partials_ptr, j, first, num_splits, C, channels, c_ok, SPLITS_BLOCK), 0)
+    return total
 
 
 @triton.jit
@@ -113,11 +127,39 @@ def _welford_merge(count, mean, m2):
     return total, pooled, tl.sum(m2 + count * spread * spread, 0)
 
 
-# The split count and the tiles per split are not specialized on (divisible by 16, equal to 1):
-# they gain nothing from it (loop bounds, never strides), and a plan with fewer splits (_plan)
-# would compile kernels of its own. (l_blocks == 1, by contrast, spares every 7x7 NCHW tile a
+@triton.jit
+def _merged_welford(partials_ptr, num_splits, C, c_start, channels, c_ok, SPLITS_BLOCK: tl.constexpr):
+    """The (count, mean, M2) summary, per channel, of all splits of the (3, num_splits, C)
+    Welford partials, merged SPLITS_BLOCK splits at a time, each block into the summary of
+    those before it (Chan et al.'s merge of two). A split's count is the same for all its
+    channels: channel c_start's serves."""
+    count, mean, m2 = _welford_block(partials_ptr, 0, num_splits, C, c_start, channels, c_ok, SPLITS_BLOCK)
+    for first in range(SPLITS_BLOCK, num_splits, SPLITS_BLOCK):
+        block_count, block_mean, block_m2 = _welford_block(partials_ptr, first, num_splits, C, c_start, channels,
+                                                           c_ok, SPLITS_BLOCK)
+        total = count + block_count
+        block_weight = block_count / total  # no block is empty: each holds a split
+        delta = block_mean - mean
+        mean += delta * block_weight
+        m2 += block_m2 + delta * delta * count * block_weight
+        count = total
+    return count, mean, m2
+
+
+@triton.jit
+def _welford_block(partials_ptr, first, num_splits, C, c_start, channels, c_ok, SPLITS_BLOCK: tl.constexpr):
+    """_welford_merge of splits [first, first + SPLITS_BLOCK) of the (3, num_splits, C) partials."""
+    splits = first + tl.arange(0, SPLITS_BLOCK)[:, None]
+    counts = tl.load(partials_ptr + splits * C + c_start, mask=splits < num_splits, other=0.0)
+    return _welford_merge(counts, _split_partials(partials_ptr, 1, first, num_splits, C, channels, c_ok, SPLITS_BLOCK),
+                          _split_partials(partials_ptr, 2, first, num_splits, C, channels, c_ok, SPLITS_BLOCK))
+
+
+# The split counts (num_splits, num_partials) and the tiles per split are not specialized on
+# (divisible by 16, equal to 1): they gain nothing from it (loop bounds, never strides), and a
+# plan with fewer splits (_plan) would compile kernels of its own. (l_blocks == 1, by contrast, spares every 7x7 NCHW tile a
 # division: 30 registers in the backward's reduction.)
-_kernel = triton.jit(do_not_specialize=["tiles_per_split", "num_splits"])
+_kernel = triton.jit(do_not_specialize=["tiles_per_split", "num_splits", "num_partials"])
 
 
 @_kernel
@@ -181,7 +223,7 @@ def _bn_fwd_kernel(
     b_ptr,  # bias (C,), param dtype; None unless HAS_BIAS
     running_mean_ptr,  # (C,), param dtype: read in eval, updated in training; None unless HAS_RUNNING_MEAN
     running_var_ptr,  # (C,), param dtype: read in eval, updated in training; None unless HAS_RUNNING_VAR
-    partials_ptr,  # training: (3, num_splits, C) from _bn_stats_kernel
+    partials_ptr,  # training: (3, num_partials, C) from _bn_stats_kernel or _bn_merge_partials_kernel
     save_mean_ptr,  # training out: (C,), ACC_DTYPE
     save_invstd_ptr,  # training out: (C,), ACC_DTYPE
     C,  # channels
@@ -193,7 +235,7 @@ def _bn_fwd_kernel(
     l_blocks,  # cdiv(L, BLOCK_L): tiles per sample
     num_tiles,  # N * l_blocks: tiles per channel block
     tiles_per_split,  # consecutive tiles one program normalizes
-    num_splits,  # programs per channel block (and partials per channel)
+    num_partials,  # partials per channel: the first pass's splits, or 1 once merged
     momentum: tl.float64,  # running-stats update weight (float64: exact for float64 stats)
     eps: tl.float64,  # added to the variance
     TRAINING: tl.constexpr,  # batch statistics from the partials; else the running ones
@@ -204,7 +246,7 @@ def _bn_fwd_kernel(
     HAS_RUNNING_VAR: tl.constexpr,
     RELU: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    SPLITS_BLOCK: tl.constexpr,  # next_power_of_2(num_splits)
+    SPLITS_BLOCK: tl.constexpr,  # partials merged at a time: next_power_of_2(num_partials) in one plan
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -217,13 +259,10 @@ def _bn_fwd_kernel(
     # pivot within a few std of the mean, neither term is large (no cancellation) and
     # x - pivot is exact, where mean itself would be rounded to ACC_DTYPE.
     if TRAINING:
-        # Every program merges its channels' few partials itself: no finalize launch.
-        # A split's count is the same for all its channels: channel c_start's serves.
-        splits = tl.arange(0, SPLITS_BLOCK)[:, None]
-        counts = tl.load(partials_ptr + splits * C + c_start, mask=splits < num_splits, other=0.0)
-        _, mean_from_pivot, m2 = _welford_merge(
-            counts, _split_partials(partials_ptr, 1, num_splits, C, channels, c_ok, SPLITS_BLOCK),
-            _split_partials(partials_ptr, 2, num_splits, C, channels, c_ok, SPLITS_BLOCK))
+        # Every program merges its channels' partials itself: few, or one each where
+        # _bn_merge_partials_kernel merged them.
+        _, mean_from_pivot, m2 = _merged_welford(partials_ptr, num_partials, C, c_start, channels, c_ok,
+                                                 SPLITS_BLOCK)
         pivot = _load_pivot(x_ptr, channels, c_ok, x_stride_c, ACC_DTYPE)
         invstd = 1.0 / tl.sqrt(m2 / M + eps)
         if split == 0:
@@ -266,6 +305,32 @@ def _bn_fwd_kernel(
             y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
         tl.store(_tile_ptrs(y_ptr, n, l_start, c_start, y_stride_n, y_stride_c, y_stride_l, BLOCK_L, BLOCK_C),
                  y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_kernel
+def _bn_merge_partials_kernel(
+    partials_ptr,  # (arrays, num_splits, C), ACC_DTYPE: a first pass's partials, one row per split
+    merged_ptr,  # out: (arrays, 1, C), ACC_DTYPE: the same merged over the splits, as one split's
+    C,  # channels
+    num_splits,  # partials per channel
+    WELFORD: tl.constexpr,  # (count, mean, M2) partials of _bn_stats_kernel; else _bn_bwd_reduce_kernel's 2 sums
+    SPLITS_BLOCK: tl.constexpr,  # partials merged at a time
+    BLOCK_C: tl.constexpr,
+):
+    """Merges a first pass's partials once per channel, between the passes, where the plan
+    has too many splits for every second-pass program to merge its channels' own (_Plan.merge)."""
+    c_start = tl.program_id(0) * BLOCK_C
+    channels = c_start + tl.arange(0, BLOCK_C)
+    c_ok = channels < C
+    if WELFORD:
+        count, mean, m2 = _merged_welford(partials_ptr, num_splits, C, c_start, channels, c_ok, SPLITS_BLOCK)
+        tl.store(merged_ptr + channels, tl.broadcast_to(count, [BLOCK_C]), mask=c_ok)
+        tl.store(merged_ptr + C + channels, mean, mask=c_ok)
+        tl.store(merged_ptr + 2 * C + channels, m2, mask=c_ok)
+    else:
+        for j in tl.static_range(2):
+            tl.store(merged_ptr + j * C + channels,
+                     _summed_partials(partials_ptr, j, num_splits, C, channels, c_ok, SPLITS_BLOCK), mask=c_ok)
 
 
 @_kernel
@@ -328,7 +393,8 @@ def _bn_bwd_kernel(
     w_ptr,  # weight (C,); None unless HAS_WEIGHT
     mean_ptr,  # (C,), ACC_DTYPE: the statistics the forward normalized with
     invstd_ptr,  # (C,), ACC_DTYPE
-    partials_ptr,  # (2, num_splits, C) from _bn_bwd_reduce_kernel; None unless HAS_SUMS
+    partials_ptr,  # (2, num_partials, C) from _bn_bwd_reduce_kernel or _bn_merge_partials_kernel;
+    # None unless HAS_SUMS
     dw_ptr,  # out: grad_weight (C,); None unless HAS_DW
     db_ptr,  # out: grad_bias (C,); None unless HAS_DB
     C,  # channels
@@ -341,7 +407,7 @@ def _bn_bwd_kernel(
     l_blocks,  # cdiv(L, BLOCK_L): tiles per sample
     num_tiles,  # N * l_blocks: tiles per channel block
     tiles_per_split,  # consecutive tiles one program writes
-    num_splits,  # partials per channel
+    num_partials,  # partials per channel: the first pass's splits, or 1 once merged
     TRAINING: tl.constexpr,  # mean/invstd were batch statistics: grad_input flows through them too
     RELU: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -351,15 +417,15 @@ def _bn_bwd_kernel(
     HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    SPLITS_BLOCK: tl.constexpr,  # next_power_of_2(num_splits)
+    SPLITS_BLOCK: tl.constexpr,  # partials merged at a time: next_power_of_2(num_partials) in one plan
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     split, c_start, channels, c_ok = _program(C, BACKWARDS=True, BLOCK_C=BLOCK_C)
     invstd = tl.load(invstd_ptr + channels, mask=c_ok, other=0.0)
     if HAS_SUMS:
-        sum_dy = tl.sum(_split_partials(partials_ptr, 0, num_splits, C, channels, c_ok, SPLITS_BLOCK), 0)
-        sum_dy_xmu = tl.sum(_split_partials(partials_ptr, 1, num_splits, C, channels, c_ok, SPLITS_BLOCK), 0)
+        sum_dy = _summed_partials(partials_ptr, 0, num_partials, C, channels, c_ok, SPLITS_BLOCK)
+        sum_dy_xmu = _summed_partials(partials_ptr, 1, num_partials, C, channels, c_ok, SPLITS_BLOCK)
         if split == 0:
             if HAS_DW:
                 tl.store(dw_ptr + channels, (sum_dy_xmu * invstd).to(dw_ptr.dtype.element_ty), mask=c_ok)
@@ -409,6 +475,11 @@ _TILE_BYTES = 8192  # of ACC_DTYPE per [BLOCK_L, BLOCK_C] tile: 2048 float32 val
 _NUM_WARPS = 4
 _THREADS = 32 * _NUM_WARPS
 _PROGRAMS_PER_SM = 8  # at most: 32 warps per SM are enough loads in flight for a memory-bound pass
+_ROW_BYTES = 128  # a cache line: channels_last rows (lanes along C) of fewer bytes cost the writing
+# kernels speed (bench/NOTES.md: with 32-byte rows the forward's second pass took 157 us to NCHW's 113)
+_MERGE_BLOCK_C = 8  # channels per program of _bn_merge_partials_kernel: float32 rows of a 32-byte sector,
+# and C / 8 programs to share the partials (up to 8 * 132 splits of 64 channels at the stem)
+_MERGE_TILE_BYTES = 4096  # of each partials array per step of _bn_merge_partials_kernel: 128 float32 splits
 
 
 def _pow2_block(extent: int, lo: int, hi: int) -> int:
@@ -431,6 +502,13 @@ def _merged_stride_l(v: Strided3d) -> Optional[int]:
     return None
 
 
+class _Merge(NamedTuple):
+    """The launch of _bn_merge_partials_kernel between a plan's passes."""
+
+    grid: Tuple[int, int]  # (channel blocks of _MERGE_BLOCK_C, 1)
+    meta: Mapping[str, int]
+
+
 class _Plan(NamedTuple):
     """How one call's (N, C, L) tensors are cut into tiles and programs, as the launches take it.
     Everything is computed once per geometry (see _plan): a call only unpacks it.
@@ -441,9 +519,15 @@ class _Plan(NamedTuple):
     strides: Mapping[str, Tuple[int, int, int]]  # per tensor name: element strides (n, c, l); zeros when absent
     num_splits: int  # programs per channel block
     grid: Tuple[int, int]  # (channel blocks, splits)
-    tiling: Tuple[int, int, int, int]  # the kernels' (l_blocks, num_tiles, tiles_per_split, num_splits)
-    splits_block: int  # SPLITS_BLOCK of the merging kernels: num_splits padded to a power of two
-    meta: Mapping[str, int]  # the block sizes and launch options every kernel takes
+    tiling: Tuple[int, int, int]  # the kernels' (l_blocks, num_tiles, tiles_per_split)
+    splits_block: int  # SPLITS_BLOCK of the second pass: the partials it merges at a time
+    meta: Mapping[str, int]  # the block sizes and launch options every pass's kernel takes
+    merge: Optional[_Merge]  # a launch that merges the partials between the passes; None: the second pass does
+
+    @property
+    def partials_per_channel(self) -> int:
+        """What the second pass reads: one merged partial per channel, or one per split."""
+        return 1 if self.merge else self.num_splits
 
 
 _PLANS: launch.PlanCache[_Plan] = launch.PlanCache(_PROGRAMS_PER_SM)
@@ -453,8 +537,9 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool, variant: 
           launches: Callable[[_Plan], List[launch.Launch]]) -> Tuple[_Plan, Optional[tuple]]:
     """Tile shape, split count and per-tensor strides for a call over `tensors` (all of
     input's shape, "input" among them; None for absent ones), and the compiled kernels of its
-    launches (see launch.PlanCache). `merges_partials`: each program of the second pass reads
-    all partials of its channels, which caps the splits. `variant`: all else that selects the
+    launches (see launch.PlanCache). `merges_partials`: the first pass leaves partials per split,
+    which each program of the second pass merges for its channels (which caps the splits), or a
+    launch between the passes (_Plan.merge). `variant`: all else that selects the
     compiled kernels (launch.variant_of every tensor the caller did not allocate, and the
     flags); `launches`: the pass's launches for a plan. Together the geometry (which fixes
     every integer argument) and the variant key all the JIT would specialize on: the tensors
@@ -462,19 +547,21 @@ def _plan(tensors: Dict[str, Optional[Tensor]], merges_partials: bool, variant: 
     input = tensors["input"]
     geometry = tuple((name, None if t is None else (t.shape, t.stride())) for name, t in tensors.items())
     return _PLANS.get((geometry, variant), input.device,
-                      lambda sms, programs_per_sm: _plan_geometry(geometry, stat_dtype(input.dtype).itemsize, sms,
-                                                                  merges_partials, programs_per_sm),
+                      lambda sms, programs_per_sm: _plan_geometry(
+                          geometry, input.element_size(), stat_dtype(input.dtype).itemsize, sms, merges_partials,
+                          programs_per_sm),
                       launches)
 
 
 Geometry = Tuple[Tuple[str, Optional[Tuple[Sequence[int], Sequence[int]]]], ...]  # (name, (shape, strides) or None)
 
 
-def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_partials: bool,
+def _plan_geometry(geometry: Geometry, itemsize: int, acc_itemsize: int, sms: int, merges_partials: bool,
                    programs_per_sm: int) -> _Plan:
     """_plan for tensors of these shapes and strides (read off the tensors: they cost a third of
-    their (N, C, L) views), on a device of `sms` multiprocessors that each hold `programs_per_sm`
-    programs at once. Not cached itself: _plan caches what it returns."""
+    their (N, C, L) views) and of `itemsize` bytes an element, on a device of `sms`
+    multiprocessors that each hold `programs_per_sm` programs at once. Not cached itself: _plan
+    caches what it returns."""
     named_views = [(name, None if g is None else view3d_of(*g, name)) for name, g in geometry]
     views = {name: v for name, v in named_views if v is not None}
     tile = _TILE_BYTES // acc_itemsize  # elements per tile
@@ -498,53 +585,83 @@ def _plan_geometry(geometry: Geometry, acc_itemsize: int, sms: int, merges_parti
         return _pow2_block(extent, max(1, _THREADS // lanes), tile // lanes)
 
     channels_major = C > 1 and strides["input"][1] == 1
-    if channels_major:
-        block_c = _pow2_block(C, 8, 64)
-        block_l = across(L, block_c)
-    else:
-        block_l = _pow2_block(L, 32, 1024)
-        block_c = across(C, block_l)
 
-    def max_splits() -> int:
+    def max_splits(block_c: int, block_l: int, capped: bool) -> int:
         num_tiles = num_samples * triton.cdiv(L, block_l)
-        if not merges_partials:
+        if not capped:
             return num_tiles
         # A second-pass program reads S partials per channel next to its own M/S values:
         # S <= sqrt(M/48) keeps those (2 or 3 arrays) under 1/16 of its traffic, and
         # S <= tile // block_c keeps the [SPLITS_BLOCK, BLOCK_C] merge no larger than a tile.
         return max(1, min(num_tiles, math.isqrt(M // 48), tile // block_c))
 
-    # More channel blocks cost nothing, more splits cost merging: narrow the channel
-    # block until the grid can fill the GPU (e.g. C = 64 at 112x112, C = 2048 at 7x7).
-    # The tile shape is chosen for _PROGRAMS_PER_SM whatever the kernels' occupancy: it
-    # decides their registers, and so their occupancy (_plan).
-    while (triton.cdiv(C, block_c) * max_splits() < _PROGRAMS_PER_SM * sms
-           and block_c > (8 if channels_major else 1)):
-        block_c //= 2
+    def blocks(capped: bool) -> Tuple[int, int]:
+        """(BLOCK_C, BLOCK_L), the splits `capped` or not. More channel blocks cost nothing, more
+        splits cost merging: the channel block narrows until the grid can fill the GPU (e.g.
+        C = 64 at 112x112, C = 2048 at 7x7). The tile shape is chosen for _PROGRAMS_PER_SM
+        whatever the kernels' occupancy: it decides their registers, and so their occupancy (_plan)."""
         if channels_major:
+            block_c = _pow2_block(C, 8, 64)
             block_l = across(L, block_c)
+        else:
+            block_l = _pow2_block(L, 32, 1024)
+            block_c = across(C, block_l)
+        while (triton.cdiv(C, block_c) * max_splits(block_c, block_l, capped) < _PROGRAMS_PER_SM * sms
+               and block_c > (8 if channels_major else 1)):
+            block_c //= 2
+            if channels_major:
+                block_l = across(L, block_c)
+        return block_c, block_l
+
+    block_c, block_l = blocks(capped=merges_partials)
+    merge_launch = False
+    if merges_partials and channels_major:
+        # Along channels the cap on the splits narrows the rows the lanes read (to 32 bytes in
+        # bf16 at 128x256x56x56); a launch of its own merges the partials of any number of
+        # splits, for a few microseconds, and keeps the rows a cache line wide.
+        wide_c, wide_l = blocks(capped=False)
+        if block_c < wide_c and block_c * itemsize < _ROW_BYTES:
+            block_c, block_l, merge_launch = wide_c, wide_l, True
+    capped = merges_partials and not merge_launch
     num_tiles = num_samples * triton.cdiv(L, block_l)
 
     def splits(programs_per_sm: int) -> int:
         # Rounded down: one split more than fits would start a second wave for a few programs.
-        num_splits = min(max(1, programs_per_sm * sms // triton.cdiv(C, block_c)), max_splits())
+        num_splits = min(max(1, programs_per_sm * sms // triton.cdiv(C, block_c)),
+                         max_splits(block_c, block_l, capped))
         return triton.cdiv(num_tiles, triton.cdiv(num_tiles, num_splits))  # no empty split
 
     num_splits = splits(programs_per_sm)
-    tiles_per_split = triton.cdiv(num_tiles, num_splits)
+    # Sized for the most splits any occupancy gives, so that a plan with fewer (_plan) compiles
+    # no kernel of its own.
+    most_splits_block = triton.next_power_of_2(splits(_PROGRAMS_PER_SM))
     # FMA contraction pinned on (as nvcc does for the CUDA kernels): Triton 3.10 turns its
     # default off, so the same kernels would round differently from one version to the next.
-    meta = dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=_NUM_WARPS, enable_fp_fusion=True)
+    options = dict(num_warps=_NUM_WARPS, enable_fp_fusion=True)
+    merge = None
+    if merge_launch:
+        merge = _Merge(grid=(triton.cdiv(C, _MERGE_BLOCK_C), 1), meta=types.MappingProxyType(dict(
+            SPLITS_BLOCK=min(most_splits_block, _MERGE_TILE_BYTES // (acc_itemsize * _MERGE_BLOCK_C)),
+            BLOCK_C=_MERGE_BLOCK_C, **options)))
     return _Plan(L, types.MappingProxyType(strides), num_splits,
                  grid=(triton.cdiv(C, block_c), num_splits),
-                 tiling=(triton.cdiv(L, block_l), num_tiles, tiles_per_split, num_splits),
-                 # Sized for the most splits any occupancy gives, so that a plan with fewer (_plan)
-                 # compiles no kernel of its own.
-                 splits_block=triton.next_power_of_2(splits(_PROGRAMS_PER_SM)), meta=types.MappingProxyType(meta))
+                 tiling=(triton.cdiv(L, block_l), num_tiles, triton.cdiv(num_tiles, num_splits)),
+                 splits_block=1 if merge_launch else most_splits_block,
+                 meta=types.MappingProxyType(dict(BLOCK_L=block_l, BLOCK_C=block_c, **options)), merge=merge)
 
 
 def _tl_acc_dtype(input: Tensor) -> tl.dtype:
     return tl.float64 if input.dtype == torch.float64 else tl.float32
+
+
+def _merge_launches(plan: _Plan, partials: Tensor, merged: Tensor, welford: bool) -> List[launch.Launch]:
+    """The plan's launch that merges a first pass's `partials` into `merged`, if it has one. Its
+    small grid is not sized to fill the GPU: the plan's occupancy is not fitted to it."""
+    if plan.merge is None:
+        return []
+    return [launch.Launch(_bn_merge_partials_kernel, plan.merge.grid, (partials, merged, partials.shape[2],
+                                                                       plan.num_splits),
+                          dict(WELFORD=welford, **plan.merge.meta), fills_gpu=False)]
 
 
 def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
@@ -564,11 +681,12 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
     def launches(plan: _Plan) -> List[launch.Launch]:
         partials = input.new_empty((3, plan.num_splits, C), dtype=acc) if training else None
+        merged = input.new_empty((3, 1, C), dtype=acc) if training and plan.merge else partials
         normalize = launch.Launch(_bn_fwd_kernel, plan.grid, (
-            input, residual, output, weight, bias, running_mean, running_var, partials, save_mean, save_invstd,
+            input, residual, output, weight, bias, running_mean, running_var, merged, save_mean, save_invstd,
             C, plan.L, input.numel() // C,
             *plan.strides["input"], *plan.strides["residual"], *plan.strides["output"],
-            *plan.tiling, momentum, eps), dict(
+            *plan.tiling, plan.partials_per_channel, momentum, eps), dict(
             TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, HAS_RUNNING_MEAN=running_mean is not None,
             HAS_RUNNING_VAR=running_var is not None, RELU=relu, ACC_DTYPE=_tl_acc_dtype(input),
@@ -576,9 +694,9 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         if not training:
             return [normalize]
         stats = launch.Launch(_bn_stats_kernel, plan.grid,
-                              (input, partials, C, plan.L, *plan.strides["input"], *plan.tiling),
+                              (input, partials, C, plan.L, *plan.strides["input"], *plan.tiling, plan.num_splits),
                               dict(ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
-        return [stats, normalize]
+        return [stats, *_merge_launches(plan, partials, merged, welford=True), normalize]
 
     with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
         plan, compiled = _plan({"input": input, "residual": residual, "output": output}, training,
@@ -633,7 +751,9 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
     residual_first = has_sums and relu and need_dr
 
     def launches(plan: _Plan) -> List[launch.Launch]:
-        partials = input.new_empty((2, plan.num_splits, C), dtype=stat_dtype(input.dtype)) if has_sums else None
+        acc = stat_dtype(input.dtype)
+        partials = input.new_empty((2, plan.num_splits, C), dtype=acc) if has_sums else None
+        merged = input.new_empty((2, 1, C), dtype=acc) if has_sums and plan.merge else partials
         dy, dy_strides = (grad_residual, plan.strides["grad_input"]) if residual_first else \
             (grad_output, plan.strides["grad_output"])
         # With neither grad_input nor grad_residual left to write, only the split-0
@@ -641,8 +761,9 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
         grid = plan.grid if need_dx or (need_dr and not residual_first) else (plan.grid[0], 1)
         elementwise = launch.Launch(_bn_bwd_kernel, grid, (
             dy, input, None if residual_first else output, grad_input, None if residual_first else grad_residual,
-            weight, mean, invstd, partials, grad_weight, grad_bias, C, plan.L, input.numel() // C,
-            *dy_strides, *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"], *plan.tiling),
+            weight, mean, invstd, merged, grad_weight, grad_bias, C, plan.L, input.numel() // C,
+            *dy_strides, *plan.strides["input"], *plan.strides["output"], *plan.strides["grad_input"], *plan.tiling,
+            plan.partials_per_channel),
             dict(TRAINING=training, RELU=relu and not residual_first, HAS_WEIGHT=weight is not None,
                  HAS_SUMS=has_sums, HAS_DX=need_dx, HAS_DR=need_dr and not residual_first, HAS_DW=need_dw,
                  HAS_DB=need_db, ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=plan.splits_block, **plan.meta))
@@ -651,9 +772,9 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
         reduce = launch.Launch(_bn_bwd_reduce_kernel, plan.grid, (
             grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
             *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
-            *plan.strides["grad_input"], *plan.tiling),
+            *plan.strides["grad_input"], *plan.tiling, plan.num_splits),
             dict(RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
-        return [reduce, elementwise]
+        return [reduce, *_merge_launches(plan, partials, merged, welford=False), elementwise]
 
     with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
         plan, compiled = _plan({"grad_output": grad_output, "input": input, "output": output,
