@@ -10,10 +10,10 @@ call: its kernels, DRAM MB read and written, time, and the total against the mod
 for a kernel slower than its bytes, L1 sectors per global load and store request and how
 busy the SMs, L2 and DRAM were.
 ncu runs with `--cache-control none`: its default flushes L2 before every kernel,
-which would hide exactly the reuse under test. The cuda backend's knobs in the
-environment (KNOBS) apply to the profiled process too, and the table's header names them:
-`CNNKERN_CUDA_ROW_BYTES=32 python -m bench.dram --backend cuda --layout channels_last`
-times the narrower rows against a default run's. Needs a GPU and ncu on the PATH.
+which would hide exactly the reuse under test. The backends' knobs in the environment
+(KNOBS) apply to the profiled process too, and the table's header names them:
+`CNNKERN_CUDA_ROW_BYTES=32 CNNKERN_TRITON_MERGE_LAUNCH=0 python -m bench.dram --layout channels_last`
+times both backends' narrower channels_last rows against a default run's. Needs a GPU and ncu on the PATH.
 """
 import argparse
 import csv
@@ -42,18 +42,19 @@ BUSY = {"SM%": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
         "DRAM%": "dram__throughput.avg.pct_of_peak_sustained_elapsed"}
 METRICS = (READ, WRITE, TIME, REGS, WAVES, LD_SECTORS, LD_REQUESTS, ST_SECTORS, ST_REQUESTS, *BUSY.values())
 BACKENDS, LAYOUTS = ("cuda", "triton"), ("nchw", "channels_last")
-KNOBS = ("CNNKERN_CUDA_ROW_BYTES", "CNNKERN_CUDA_ONE_PASS")  # read by csrc/cuda/batch_norm.cu
+# Read by csrc/cuda/batch_norm.cu and cnnkern/triton/batch_norm.py
+KNOBS = ("CNNKERN_CUDA_ROW_BYTES", "CNNKERN_CUDA_ONE_PASS", "CNNKERN_TRITON_MERGE_LAUNCH")
 
 
 def knobs():
-    """The cuda backend's knobs set in this environment, {name: value}."""
+    """The backends' knobs set in this environment, {name: value}."""
     return {name: os.environ[name] for name in KNOBS if name in os.environ}
 
 
 def raw_name(settings):
     """ncu's CSV file name for a run under `settings` (knobs()): runs with different knobs
     into one folder keep their own."""
-    suffix = "".join(f"-{name.removeprefix('CNNKERN_CUDA_').lower()}{value}" for name, value in settings.items())
+    suffix = "".join(f"-{name.removeprefix('CNNKERN_').lower()}{value}" for name, value in settings.items())
     return f"dram{suffix}.csv"
 
 

@@ -7,8 +7,8 @@
 # 90 s: if they fail or hang, everything after runs without them (CNNKERN_CUDA_ONE_PASS=0)
 # rather than hanging the benchmark too. The tests get TEST_BUDGET seconds (default 150;
 # cut with SIGINT, so pytest still prints what passed), the DRAM-traffic check
-# (bench/dram.py, under ncu; then again for the cuda channels_last kernels with the
-# rows they had before, CNNKERN_CUDA_ROW_BYTES=32) DRAM_BUDGET (default 60), the
+# (bench/dram.py, under ncu; then again for the channels_last kernels with the rows
+# they had before: CNNKERN_CUDA_ROW_BYTES=32, CNNKERN_TRITON_MERGE_LAUNCH=0) DRAM_BUDGET (default 60), the
 # host time per call of each layer (bench/host.py) HOST_BUDGET (default 20), the
 # benchmark what is left; it saves its JSON after every case, so a stage cut short
 # still leaves what it measured.
@@ -81,15 +81,16 @@ fi
 
 if [ "$dram_budget" -gt 0 ]; then
   stage "DRAM traffic (ncu)"
-  # Two thirds of the budget for every kernel, the rest for the cuda channels_last kernels
-  # with 32-byte rows (the width before 128), to set side by side with theirs.
+  # Two thirds of the budget for every kernel, the rest for the channels_last kernels with
+  # the rows they had before 128 bytes (cuda: 32-byte rows; triton: no merge launch, which
+  # leaves 16 channels), to set side by side with theirs.
   all_budget=$(( dram_budget * 2 / 3 ))
   timeout "$all_budget" python3 -m bench.dram --out "$out" > "$out/dram.log" 2>&1
   echo "dram exit $? (124: cut at $all_budget s)"
   cat "$out/dram.log"
-  CNNKERN_CUDA_ROW_BYTES=32 timeout $(( dram_budget - all_budget )) python3 -m bench.dram --out "$out" \
-    --backend cuda --layout channels_last > "$out/dram-row_bytes32.log" 2>&1
-  echo "dram (32-byte rows) exit $?"
-  cat "$out/dram-row_bytes32.log"
+  CNNKERN_CUDA_ROW_BYTES=32 CNNKERN_TRITON_MERGE_LAUNCH=0 timeout $(( dram_budget - all_budget )) \
+    python3 -m bench.dram --out "$out" --layout channels_last > "$out/dram-narrow_rows.log" 2>&1
+  echo "dram (narrow channels_last rows) exit $?"
+  cat "$out/dram-narrow_rows.log"
 fi
 stage "done"

@@ -74,8 +74,9 @@ def test_dram_filters_and_knobs(monkeypatch):
     assert dram.raw_name(dram.knobs()) == "dram.csv"
     monkeypatch.setenv("CNNKERN_CUDA_ROW_BYTES", "32")
     monkeypatch.setenv("CNNKERN_CUDA_ONE_PASS", "0")
+    monkeypatch.setenv("CNNKERN_TRITON_MERGE_LAUNCH", "0")
     # Runs under different knobs keep apart; the names stay plain (they come back from $OUT).
-    assert dram.raw_name(dram.knobs()) == "dram-row_bytes32-one_pass0.csv"
+    assert dram.raw_name(dram.knobs()) == "dram-cuda_row_bytes32-cuda_one_pass0-triton_merge_launch0.csv"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU table (Triton launches stubbed out)")

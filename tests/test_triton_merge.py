@@ -53,6 +53,18 @@ def test_other_plans_merge_in_the_second_pass(shape, dtype, layout, merges_parti
     assert plan.partials_per_channel == plan.num_splits
 
 
+def test_merge_launches_can_be_switched_off(monkeypatch):
+    """CNNKERN_TRITON_MERGE_LAUNCH=0: the plans before merge launches, for bench.dram to time
+    side by side with the default's."""
+    assert bn._merge_launch_enabled(None) and bn._merge_launch_enabled("1")
+    assert not bn._merge_launch_enabled("0")
+    with pytest.warns(UserWarning, match="CNNKERN_TRITON_MERGE_LAUNCH=yes ignored"):
+        assert bn._merge_launch_enabled("yes")
+    monkeypatch.setattr(bn, "_MERGE_LAUNCH", False)
+    plan = plan_of((128, 256, 56, 56), torch.bfloat16, "channels_last", True, 132)
+    assert plan.merge is None and plan.meta["BLOCK_C"] == 16
+
+
 @pytest.fixture
 def launched(monkeypatch):
     """The kernels of each pass the Triton wrappers run, from fresh plans."""

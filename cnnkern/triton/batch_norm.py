@@ -32,7 +32,9 @@ compiled kernels, in a launch.PlanCache, which sizes the grid to the compiled ke
 occupancy; calls then launch those kernels directly (launch.run).
 """
 import math
+import os
 import types
+import warnings
 from typing import Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -482,6 +484,22 @@ _MERGE_BLOCK_C = 8  # channels per program of _bn_merge_partials_kernel: float32
 _MERGE_TILE_BYTES = 4096  # of each partials array per step of _bn_merge_partials_kernel: 128 float32 splits
 
 
+def _merge_launch_enabled(value: Optional[str]) -> bool:
+    """CNNKERN_TRITON_MERGE_LAUNCH: 0 plans no merge launch (the in-kernel merge's narrower rows,
+    as before it: an experiment's knob, for bench.dram to time both side by side); unset or 1,
+    the plans as documented."""
+    if value in (None, "1"):
+        return True
+    if value == "0":
+        return False
+    warnings.warn(f"CNNKERN_TRITON_MERGE_LAUNCH={value} ignored (0 or 1): merge launches stay on")
+    return True
+
+
+# Read once per process: the plan cache would keep plans made under another value.
+_MERGE_LAUNCH = _merge_launch_enabled(os.environ.get("CNNKERN_TRITON_MERGE_LAUNCH"))
+
+
 def _pow2_block(extent: int, lo: int, hi: int) -> int:
     """The largest power of two in [lo, hi] that pads `extent` by at most 1/8 (padded
     lanes idle), else the one that pads it least; never above next_power_of_2(extent)."""
@@ -615,7 +633,7 @@ def _plan_geometry(geometry: Geometry, itemsize: int, acc_itemsize: int, sms: in
 
     block_c, block_l = blocks(capped=merges_partials)
     merge_launch = False
-    if merges_partials and channels_major:
+    if _MERGE_LAUNCH and merges_partials and channels_major:
         # Along channels the cap on the splits narrows the rows the lanes read (to 32 bytes in
         # bf16 at 128x256x56x56); a launch of its own merges the partials of any number of
         # splits, for a few microseconds, and keeps the rows a cache line wide.
