@@ -83,18 +83,48 @@ def assert_merged(passes):
 # bf16 and float32 against PyTorch's error (helpers.ATOL); float64 against the oracle.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
 @pytest.mark.parametrize("splits_per_step", [None, 2], ids=["one_step", "steps_of_2"])
-def test_merge_launch_matches_the_oracle(launched, monkeypatch, dtype, splits_per_step):
+@pytest.mark.parametrize("operands", ["channels_last", "nchw"])
+def test_merge_launch_matches_the_oracle(launched, monkeypatch, dtype, splits_per_step, operands):
     """Forward and backward, with a residual and ReLU, through the merge launch: in one step,
-    and in steps of 2 splits (each step merged into the ones before it)."""
+    and in steps of 2 splits (each step merged into the ones before it); with the residual and
+    grad_output in the input's layout (samples and positions merge into one axis) or in NCHW
+    (the tiles run per sample)."""
     require("triton", "cpu", dtype)
     if splits_per_step:
         acc_bytes = 8 if dtype == torch.float64 else 4
         monkeypatch.setattr(bn, "_MERGE_TILE_BYTES", splits_per_step * acc_bytes * bn._MERGE_BLOCK_C)
     x = make_input(MERGED, dtype, "cpu", "channels_last")
-    run_and_compare("triton", "cpu", x, residual=True, activation="relu", operands_like_input=True)
+    run_and_compare("triton", "cpu", x, residual=True, activation="relu",
+                    operands_like_input=operands == "channels_last")
     assert_merged(launched)
     for plan, _ in bn._PLANS.plans.values():  # the forward's and the backward's
         assert plan.num_splits > (plan.merge.meta["SPLITS_BLOCK"] if splits_per_step else 1)
+
+
+# grad_input, grad_weight, grad_bias, grad_residual wanted
+@pytest.mark.parametrize("output_mask", [[True, True, True, True], [True, False, False, False],
+                                         [False, True, True, False], [False, False, True, True],
+                                         [True, True, False, True]], ids=lambda m: "".join("xwbr"[i] for i in range(4)
+                                                                                           if m[i]))
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+def test_merge_launch_backward_subsets(launched, monkeypatch, output_mask, relu):
+    """Each subset of the gradients, through the merge launch, as through the second pass's
+    own merge (which the oracle tests above pin down)."""
+    x = make_input(MERGED, torch.float64, "cpu", "channels_last")
+    C = MERGED[1]
+    dy, y = torch.empty_like(x).normal_(), torch.empty_like(x).normal_()
+    w, mean, invstd = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64), \
+        torch.rand(C, dtype=torch.float64) + 0.5
+    merged = bn.bn_backward(dy, x, y, w, mean, invstd, True, relu, output_mask)
+    assert bn._bn_merge_partials_kernel in launched[0]  # every subset here needs the sums
+    monkeypatch.setattr(bn, "_MERGE_LAUNCH", False)
+    monkeypatch.setattr(bn, "_PLANS", launch.PlanCache(bn._PROGRAMS_PER_SM))  # plans made without
+    own = bn.bn_backward(dy, x, y, w, mean, invstd, True, relu, output_mask)
+    assert bn._bn_merge_partials_kernel not in launched[1]
+    for a, b in zip(merged, own):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_merge_launch_keeps_large_means(launched):

@@ -193,16 +193,23 @@ def main():
 
 
 def host_times(direct_launch) -> None:
-    """Microseconds of host work per wrapper call (8x64x14x14 float32, training, ReLU), the
-    launches stopped at the driver: straight into the compiled kernels, as launcher.run does, and
-    through the JIT, which binds and specializes every argument again. Median of 5 runs."""
+    """Microseconds of host work per wrapper call (training, ReLU), the launches stopped at the
+    driver: straight into the compiled kernels, as launcher.run does, and through the JIT, which
+    binds and specializes every argument again. A small NCHW float32 layer, and a channels_last
+    bf16 one whose plans merge the partials in a launch of their own. Median of 5 runs."""
     CompiledKernel._init_handles = lambda self: None  # nothing to load: no GPU
     CompiledKernel.run = property(lambda self: lambda *args: None)  # the driver's launch
     CompiledKernel.launch_metadata = lambda self, *args: None
-    x, w, mean = torch.empty(8, 64, 14, 14), torch.empty(64), torch.empty(64)
-    calls = {"forward": partial(bn.bn_forward_train, x, w, w, None, w, w, 0.1, 1e-5, True),
-             "backward": partial(bn.bn_backward, x, x, x, w, mean, mean, True, True, [True, True, True, False])}
-    print(f"host us per call, {'x'.join(map(str, x.shape))} float32, launches stopped at the driver")
+    calls = {}
+    for shape, dtype, fmt in (((8, 64, 14, 14), torch.float32, torch.contiguous_format),
+                              ((128, 256, 56, 56), torch.bfloat16, torch.channels_last)):
+        x = torch.empty(shape, dtype=dtype, memory_format=fmt)  # never written: no pages touched
+        w, mean = torch.empty(shape[1]), torch.empty(shape[1])
+        label = f"{'x'.join(map(str, shape))} {str(dtype)[6:]}{' CL' if fmt == torch.channels_last else ''}"
+        calls[f"{label} forward"] = partial(bn.bn_forward_train, x, w, w, None, w, w, 0.1, 1e-5, True)
+        calls[f"{label} backward"] = partial(bn.bn_backward, x, x, x, w, mean, mean, True, True,
+                                             [True, True, True, False])
+    print("host us per call, launches stopped at the driver")
     for path, launch in (("direct", direct_launch), ("JIT", lambda launches, compiled: direct_launch(launches, None))):
         launcher.run = launch
         for name, call in calls.items():
@@ -213,7 +220,7 @@ def host_times(direct_launch) -> None:
                 for _ in range(500):
                     call()
                 runs.append((time.perf_counter() - start) / 500 * 1e6)
-            print(f"{path:<7} {name:<9} {statistics.median(runs):6.1f}")
+            print(f"{path:<7} {name:<30} {statistics.median(runs):6.1f}")
 
 
 if __name__ == "__main__":
