@@ -43,6 +43,7 @@ def test_tiles_fill_the_threads(shape, layout, residual_layout, merges_partials,
     num_splits = plan.num_splits
     assert l_blocks * block_l >= plan.L and num_splits * tiles_per_split >= num_tiles
     assert plan.grid == (-(-shape[1] // block_c), num_splits)
+    assert plan.same_strides == (layout == residual_layout)  # one set of tile offsets only for one layout
 
 
 H100 = launch.SM(count=132, registers=65536, threads=2048, shared=233472)

@@ -67,7 +67,11 @@ def _tile_ptrs(ptr, n, l_start, c_start, stride_n, stride_c, stride_l,
     """Pointers of the [BLOCK_L, BLOCK_C] tile at (n, c_start.., l_start..). The tile's
     origin is computed in 64 bits (a tensor may span more than 2**31 elements), the
     offsets inside it in 32. A stride of 1 is specialized by Triton, so the tile is
-    known contiguous along that axis and its loads vectorize."""
+    known contiguous along that axis and its loads vectorize.
+    A kernel over several tensors of one layout (the common case) takes them all at x's
+    strides (SAME_STRIDES): the compiler cannot tell equal stride arguments apart, and would
+    keep one set of the tile's offsets per tensor live across the loop. One set saves up to
+    32 registers a thread (sm_90: the float32 backward reduction 124 -> 92, bench/NOTES.md)."""
     origin = n.to(tl.int64) * stride_n + c_start.to(tl.int64) * stride_c + l_start.to(tl.int64) * stride_l
     l = tl.arange(0, BLOCK_L)[:, None]
     c = tl.arange(0, BLOCK_C)[None, :]
@@ -247,12 +251,16 @@ def _bn_fwd_kernel(
     HAS_RUNNING_MEAN: tl.constexpr,
     HAS_RUNNING_VAR: tl.constexpr,
     RELU: tl.constexpr,
+    SAME_STRIDES: tl.constexpr,  # every tensor has x's strides: one set of tile offsets serves all
     ACC_DTYPE: tl.constexpr,
     SPLITS_BLOCK: tl.constexpr,  # partials merged at a time: next_power_of_2(num_partials) in one plan
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     split, c_start, channels, c_ok = _program(C, BACKWARDS=True, BLOCK_C=BLOCK_C)
+    if SAME_STRIDES:  # see _tile_ptrs
+        r_stride_n, r_stride_c, r_stride_l = x_stride_n, x_stride_c, x_stride_l
+        y_stride_n, y_stride_c, y_stride_l = x_stride_n, x_stride_c, x_stride_l
     # tl.full converts the float64 scalars exactly (tl.cast would round through float32
     # in the interpreter), and keeps float32 kernels in float32.
     eps = tl.full([], eps, ACC_DTYPE)
@@ -355,11 +363,16 @@ def _bn_bwd_reduce_kernel(
     num_splits,  # programs per channel block
     RELU: tl.constexpr,
     HAS_DR: tl.constexpr,  # write grad_residual here, so that _bn_bwd_kernel reads it instead of dy and y
+    SAME_STRIDES: tl.constexpr,  # every tensor has x's strides: one set of tile offsets serves all
     ACC_DTYPE: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     split, c_start, channels, c_ok = _program(C, BACKWARDS=False, BLOCK_C=BLOCK_C)
+    if SAME_STRIDES:  # see _tile_ptrs
+        dy_stride_n, dy_stride_c, dy_stride_l = x_stride_n, x_stride_c, x_stride_l
+        y_stride_n, y_stride_c, y_stride_l = x_stride_n, x_stride_c, x_stride_l
+        dr_stride_n, dr_stride_c, dr_stride_l = x_stride_n, x_stride_c, x_stride_l
     mean = tl.load(mean_ptr + channels, mask=c_ok, other=0.0)[None, :]
     sum_dy = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
     sum_dy_xmu = tl.zeros([BLOCK_L, BLOCK_C], ACC_DTYPE)
@@ -418,12 +431,17 @@ def _bn_bwd_kernel(
     HAS_DR: tl.constexpr,
     HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr,
+    SAME_STRIDES: tl.constexpr,  # every tensor has x's strides: one set of tile offsets serves all
     ACC_DTYPE: tl.constexpr,
     SPLITS_BLOCK: tl.constexpr,  # partials merged at a time: next_power_of_2(num_partials) in one plan
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     split, c_start, channels, c_ok = _program(C, BACKWARDS=True, BLOCK_C=BLOCK_C)
+    if SAME_STRIDES:  # see _tile_ptrs
+        dy_stride_n, dy_stride_c, dy_stride_l = x_stride_n, x_stride_c, x_stride_l
+        y_stride_n, y_stride_c, y_stride_l = x_stride_n, x_stride_c, x_stride_l
+        dx_stride_n, dx_stride_c, dx_stride_l = x_stride_n, x_stride_c, x_stride_l
     invstd = tl.load(invstd_ptr + channels, mask=c_ok, other=0.0)
     if HAS_SUMS:
         sum_dy = _summed_partials(partials_ptr, 0, num_partials, C, channels, c_ok, SPLITS_BLOCK)
@@ -541,6 +559,7 @@ class _Plan(NamedTuple):
     splits_block: int  # SPLITS_BLOCK of the second pass: the partials it merges at a time
     meta: Mapping[str, int]  # the block sizes and launch options every pass's kernel takes
     merge: Optional[_Merge]  # a launch that merges the partials between the passes; None: the second pass does
+    same_strides: bool  # every tensor present has input's strides (SAME_STRIDES: see _tile_ptrs)
 
     @property
     def partials_per_channel(self) -> int:
@@ -665,7 +684,8 @@ def _plan_geometry(geometry: Geometry, itemsize: int, acc_itemsize: int, sms: in
                  grid=(triton.cdiv(C, block_c), num_splits),
                  tiling=(triton.cdiv(L, block_l), num_tiles, triton.cdiv(num_tiles, num_splits)),
                  splits_block=1 if merge_launch else most_splits_block,
-                 meta=types.MappingProxyType(dict(BLOCK_L=block_l, BLOCK_C=block_c, **options)), merge=merge)
+                 meta=types.MappingProxyType(dict(BLOCK_L=block_l, BLOCK_C=block_c, **options)), merge=merge,
+                 same_strides=all(strides[name] == strides["input"] for name in views))
 
 
 def _tl_acc_dtype(input: Tensor) -> tl.dtype:
@@ -707,7 +727,8 @@ def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             *plan.tiling, plan.partials_per_channel, momentum, eps), dict(
             TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, HAS_RUNNING_MEAN=running_mean is not None,
-            HAS_RUNNING_VAR=running_var is not None, RELU=relu, ACC_DTYPE=_tl_acc_dtype(input),
+            HAS_RUNNING_VAR=running_var is not None, RELU=relu, SAME_STRIDES=plan.same_strides,
+            ACC_DTYPE=_tl_acc_dtype(input),
             SPLITS_BLOCK=plan.splits_block, **plan.meta))
         if not training:
             return [normalize]
@@ -784,14 +805,16 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
             plan.partials_per_channel),
             dict(TRAINING=training, RELU=relu and not residual_first, HAS_WEIGHT=weight is not None,
                  HAS_SUMS=has_sums, HAS_DX=need_dx, HAS_DR=need_dr and not residual_first, HAS_DW=need_dw,
-                 HAS_DB=need_db, ACC_DTYPE=_tl_acc_dtype(input), SPLITS_BLOCK=plan.splits_block, **plan.meta))
+                 HAS_DB=need_db, SAME_STRIDES=plan.same_strides, ACC_DTYPE=_tl_acc_dtype(input),
+                 SPLITS_BLOCK=plan.splits_block, **plan.meta))
         if not has_sums:
             return [elementwise]
         reduce = launch.Launch(_bn_bwd_reduce_kernel, plan.grid, (
             grad_output, input, output, grad_residual if residual_first else None, mean, partials, C, plan.L,
             *plan.strides["grad_output"], *plan.strides["input"], *plan.strides["output"],
             *plan.strides["grad_input"], *plan.tiling, plan.num_splits),
-            dict(RELU=relu, HAS_DR=residual_first, ACC_DTYPE=_tl_acc_dtype(input), **plan.meta))
+            dict(RELU=relu, HAS_DR=residual_first, SAME_STRIDES=plan.same_strides, ACC_DTYPE=_tl_acc_dtype(input),
+                 **plan.meta))
         return [reduce, *_merge_launches(plan, partials, merged, welford=False), elementwise]
 
     with torch.cuda.device_of(input):  # Triton compiles for and launches on the current device
