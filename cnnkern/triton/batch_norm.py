@@ -163,8 +163,8 @@ def _welford_block(partials_ptr, first, num_splits, C, c_start, channels, c_ok, 
 
 # The split counts (num_splits, num_partials) and the tiles per split are not specialized on
 # (divisible by 16, equal to 1): they gain nothing from it (loop bounds, never strides), and a
-# plan with fewer splits (_plan) would compile kernels of its own. (l_blocks == 1, by contrast, spares every 7x7 NCHW tile a
-# division: 30 registers in the backward's reduction.)
+# plan with fewer splits (_plan) would compile kernels of its own. (l_blocks == 1, by contrast,
+# spares every 7x7 NCHW tile a division: 30 registers in the backward's reduction.)
 _kernel = triton.jit(do_not_specialize=["tiles_per_split", "num_splits", "num_partials"])
 
 
