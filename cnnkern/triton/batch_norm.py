@@ -697,9 +697,9 @@ def _merge_launches(plan: _Plan, partials: Tensor, merged: Tensor, welford: bool
     small grid is not sized to fill the GPU: the plan's occupancy is not fitted to it."""
     if plan.merge is None:
         return []
-    return [launch.Launch(_bn_merge_partials_kernel, plan.merge.grid, (partials, merged, partials.shape[2],
-                                                                       plan.num_splits),
-                          dict(WELFORD=welford, **plan.merge.meta), fills_gpu=False)]
+    args = (partials, merged, partials.shape[2], plan.num_splits)
+    return [launch.Launch(_bn_merge_partials_kernel, plan.merge.grid, args, dict(WELFORD=welford, **plan.merge.meta),
+                          fills_gpu=False)]
 
 
 def _bn_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
