@@ -80,6 +80,12 @@ def make_input(shape, dtype, device, layout="nchw", mean=0.0):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def meta_tensor(shape, dtype, layout):
+    """A tensor of `shape` and `layout` ("nchw" or "channels_last") with no storage: for plans."""
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
 def param_dtype(dtype):
     """Half inputs get float32 parameters, as under autocast; others their own dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import cnnkern
-from helpers import make_input, require, run_and_compare
+from cnnkern.reference import stat_dtype
+from helpers import make_input, meta_tensor, require, run_and_compare
 
 pytest.importorskip("triton")
 from cnnkern.triton import batch_norm as bn  # noqa: E402
@@ -19,11 +20,8 @@ MERGED = (2, 60, 5, 7)
 
 
 def plan_of(shape, dtype, layout, merges_partials, sms):
-    x = torch.empty(shape, dtype=dtype, device="meta")
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    acc_bytes = 8 if dtype == torch.float64 else 4
-    return bn._plan_geometry((("input", (x.shape, x.stride())),), x.element_size(), acc_bytes, sms,
+    x = meta_tensor(shape, dtype, layout)
+    return bn._plan_geometry((("input", (x.shape, x.stride())),), x.element_size(), stat_dtype(dtype).itemsize, sms,
                              merges_partials, bn._PROGRAMS_PER_SM)
 
 
@@ -91,8 +89,7 @@ def test_merge_launch_matches_the_oracle(launched, monkeypatch, dtype, splits_pe
     (the tiles run per sample)."""
     require("triton", "cpu", dtype)
     if splits_per_step:
-        acc_bytes = 8 if dtype == torch.float64 else 4
-        monkeypatch.setattr(bn, "_MERGE_TILE_BYTES", splits_per_step * acc_bytes * bn._MERGE_BLOCK_C)
+        monkeypatch.setattr(bn, "_MERGE_TILE_BYTES", splits_per_step * stat_dtype(dtype).itemsize * bn._MERGE_BLOCK_C)
     x = make_input(MERGED, dtype, "cpu", "channels_last")
     run_and_compare("triton", "cpu", x, residual=True, activation="relu",
                     operands_like_input=operands == "channels_last")

@@ -5,6 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cnnkern.reference import stat_dtype
+from helpers import meta_tensor
+
 pytest.importorskip("triton")
 from cnnkern.triton import batch_norm, launch  # noqa: E402
 
@@ -21,18 +24,13 @@ CASES = [
 ]
 
 
-def meta_tensor(shape, dtype, layout):
-    t = torch.empty(shape, dtype=dtype, device="meta")
-    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "f64"])
 @pytest.mark.parametrize("merges_partials", [False, True], ids=["reduce", "merge"])
 @pytest.mark.parametrize("shape,layout,residual_layout", CASES, ids=lambda c: str(c).replace(" ", ""))
 def test_tiles_fill_the_threads(shape, layout, residual_layout, merges_partials, dtype):
     x, r = meta_tensor(shape, dtype, layout), meta_tensor(shape, dtype, residual_layout)
     geometry = (("input", (x.shape, x.stride())), ("residual", (r.shape, r.stride())))
-    acc_bytes = 8 if dtype == torch.float64 else 4
+    acc_bytes = stat_dtype(dtype).itemsize
     plan = batch_norm._plan_geometry(geometry, x.element_size(), acc_bytes, 132, merges_partials, 8)
     block_l, block_c = plan.meta["BLOCK_L"], plan.meta["BLOCK_C"]
     assert block_l * block_c * acc_bytes <= batch_norm._TILE_BYTES
