@@ -209,3 +209,20 @@ def test_cpu_channel_blocks(threads, training):
         run_and_compare("cpu", "cpu", x, training=training)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cpu_short_lines(threads, dtype):
+    """NCHW lines of at most 64 values (8x8 and smaller) are summed a channel at a time over
+    all samples (sum_short_lines_along_l): 259 samples make a fold past 256 lines and groups of
+    4 with some left over; 45 channels of 7x7 make two runs of channels side by side (41 + 4)."""
+    require("cpu", "cpu", dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = make_input((259, 45, 7, 7), dtype, "cpu", "nchw")
+        run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=True)
+        run_and_compare("cpu", "cpu", x, training=True)
+    finally:
+        torch.set_num_threads(previous)

@@ -261,6 +261,68 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
 constexpr int64_t kFoldLines = 256;
 static_assert(kFoldLines % kLineGroup == 0, "a fold falls between groups");
 
+// Lines along L of at most this many elements (8x8 and smaller) are summed by
+// sum_short_lines_along_l. Line by line, the fold of each line's lanes took longer than its
+// few vector steps: the training forward's statistics at 16x1024x7x7 ran slower than
+// torch.compile's. Past 8x8 the two ways ran alike (bench/NOTES.md).
+constexpr int64_t kShortLine = 64;
+// sum_short_lines_along_l takes channels side by side in runs of about this many elements:
+// their lines lie end to end in each sample, a stream the prefetcher follows (runs of 512
+// made the backward's sums at 7x7 slower than line by line).
+constexpr int64_t kShortRun = 2048;
+
+// Adds to sums[i] and sums[nc + i] the sums of the pairs that line_fn(n, j)(k) yields over
+// channel j = c0 + i's lines, for i in [begin, end), for short lines (len <= kShortLine).
+// Per position of a channel's line, partial sums over its N lines (kLineGroup at a time, in
+// acc_t, folded into double every kFoldLines): a line needs no sum of its own.
+template <typename acc_t, typename LineFn>
+CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin, int64_t end,
+                                                   const LineFn& line_fn, double* sums) {
+  const int64_t len = w.len, group = std::max<int64_t>(1, kShortRun / len);
+  std::vector<acc_t> part(2 * group * len);
+  acc_t* a = part.data();
+  acc_t* b = a + group * len;
+  for (int64_t i0 = begin; i0 < end; i0 += group) {
+    const int64_t channels = std::min(group, end - i0), j0 = w.j0 + i0;
+    for (int64_t n0 = 0; n0 < w.N; n0 += kFoldLines) {
+      const int64_t n1 = std::min(n0 + kFoldLines, w.N);
+      std::fill(part.begin(), part.end(), acc_t(0));
+      int64_t n = n0;
+      for (; n + kLineGroup <= n1; n += kLineGroup) {
+        for (int64_t g = 0; g < channels; ++g) {
+          const auto e0 = line_fn(n, j0 + g), e1 = line_fn(n + 1, j0 + g), e2 = line_fn(n + 2, j0 + g),
+                     e3 = line_fn(n + 3, j0 + g);
+          acc_t* ag = a + g * len;
+          acc_t* bg = b + g * len;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) {
+            const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
+            ag[k] += (p0.first + p1.first) + (p2.first + p3.first);
+            bg[k] += (p0.second + p1.second) + (p2.second + p3.second);
+          }
+        }
+      }
+      for (; n < n1; ++n) {
+        for (int64_t g = 0; g < channels; ++g) {
+          const auto elem = line_fn(n, j0 + g);
+          acc_t* ag = a + g * len;
+          acc_t* bg = b + g * len;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) {
+            const std::pair<acc_t, acc_t> ab = elem(k);
+            ag[k] += ab.first;
+            bg[k] += ab.second;
+          }
+        }
+      }
+      for (int64_t g = 0; g < channels; ++g) {
+        sums[i0 + g] += std::accumulate(a + g * len, a + (g + 1) * len, 0.0);
+        sums[w.nc + i0 + g] += std::accumulate(b + g * len, b + (g + 1) * len, 0.0);
+      }
+    }
+  }
+}
+
 // Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
 // and sums[C + c]. Element k of a line is channel k's (and the walk covers all C).
 // kGroupLines: whole lines kLineGroup at a time (for_line_groups).
@@ -307,13 +369,22 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
 // for the walk's channels c0 + i, i < nc: {sum a for each, then sum b for each}.
 // Partial sums are acc_t (vector-wide, fast) over at most a segment or
 // kFoldLines lines, folded into per-thread double sums (accurate whatever N * L),
-// which are combined at the end.
+// which are combined at the end. Short lines along L, with a channel for every
+// thread, are summed a channel at a time instead (sum_short_lines_along_l).
 // ChannelStride tells where the channel is: j on an L line, k on a C line.
 // kGroupLines: along C, whole lines kLineGroup at a time, for a line_fn that reads
 // one tensor (4 streams); with more, the grouped loop ran slower on large tensors.
 template <typename acc_t, typename ChannelStride, bool kGroupLines, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
   const int64_t size = 2 * w.nc;
+  if (std::is_same_v<ChannelStride, Bcast> && w.len <= kShortLine && w.nc >= at::get_num_threads()) {
+    std::vector<double> total(size, 0.0);  // a channel's sums on one thread: nothing to combine
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / w.M);
+    at::parallel_for(0, w.nc, grain, [&](int64_t begin, int64_t end) {
+      sum_short_lines_along_l<acc_t>(w, begin, end, line_fn, total.data());
+    });
+    return total;
+  }
   const int nthreads = at::get_num_threads();
   std::vector<double> thread_sums(nthreads * size, 0.0);
   at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) {
