@@ -226,3 +226,26 @@ def test_cpu_short_lines(threads, dtype):
         run_and_compare("cpu", "cpu", x, training=True)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_cpu_float16_rounding(relu):
+    """The CPU kernels round float16 outputs themselves (csrc/cpu/element_cast.h): the same bits
+    as torch's conversion, over every float16 input (normal, subnormal, infinite, NaN) and
+    sums that land in each of half's ranges. With weight 1, mean 0 and variance 1 (eps 0),
+    eval computes y = act(float(x) + bias), as the float32 expression below."""
+    require("cpu", "cpu", torch.float16)
+    biases = torch.tensor([0.0, 1e-7, -3e-6, 3e-5, -1.5, 1000.25, -65504.0, 65520.0, -7e4, 2.0 ** -24,
+                           3.0 ** 0.5, -(2.0 ** 15) - 3.0, 1e-45, float("inf")], dtype=torch.float32)
+    C = len(biases)
+    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)  # every float16
+    x = bits.view(torch.float16).reshape(1, 1, -1).expand(2, C, -1).contiguous()
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    y = torch.ops.cnnkern.bn_forward_eval(x, ones, biases, None, zeros, ones, 0.0, relu)
+    expected = x.float() + biases[:, None]
+    if relu:
+        expected = torch.where(expected < 0, 0.0, expected)  # NaN stays NaN, as F.relu
+    expected = expected.half()
+    nan = expected.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])

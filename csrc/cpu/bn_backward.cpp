@@ -66,13 +66,12 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
                 const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
                 if constexpr (kInput) {
                   if constexpr (kTraining) {
-                    dx[k] = static_cast<scalar_t>(
-                        (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
+                    dx[k] = from_acc<scalar_t>((gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
                   } else {
-                    dx[k] = static_cast<scalar_t>(gz * scale[k]);
+                    dx[k] = from_acc<scalar_t>(gz * scale[k]);
                   }
                 }
-                if constexpr (kResidual) dr[k] = static_cast<scalar_t>(gz);
+                if constexpr (kResidual) dr[k] = from_acc<scalar_t>(gz);
               };
             });
           });

@@ -32,7 +32,7 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
           return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dr = DR.line(n, j),
                   mean = Mean.line(n, j)](int64_t k) {
             const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
-            if constexpr (kResidual) dr[k] = static_cast<scalar_t>(gz);
+            if constexpr (kResidual) dr[k] = from_acc<scalar_t>(gz);
             return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
           };
         });

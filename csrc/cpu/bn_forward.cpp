@@ -91,7 +91,7 @@ void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residua
             acc_t v = (static_cast<acc_t>(x[k]) - mean[k]) * scale[k] + shift[k];
             if constexpr (kResidual) v += static_cast<acc_t>(r[k]);
             if constexpr (kRelu) v = std::max(v, acc_t(0));
-            y[k] = static_cast<scalar_t>(v);
+            y[k] = from_acc<scalar_t>(v);
           };
         });
       });

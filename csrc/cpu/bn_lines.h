@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "bn_checks.h"
+#include "cpu/element_cast.h"
 
 namespace cnnkern::cpu {
 
@@ -202,8 +203,11 @@ void dispatch_bool(bool b, const F& f) {
 // loops gain nothing from the wider vectors. The arithmetic is the same in
 // every clone (no FMA contraction under -std=c++17, fixed summation order), so
 // results do not depend on the machine. Clang does not multiversion templates.
+// flatten: a clone compiles for its target only what is inlined into it; the
+// lambdas that hold the element code are functions of their own, and the float16
+// ones (larger: the rounding of csrc/cpu/element_cast.h) stayed out of line, at SSE2.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define CNNKERN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define CNNKERN_VECTOR_CLONES __attribute__((target_clones("avx2", "default"), flatten))
 #else
 #define CNNKERN_VECTOR_CLONES
 #endif
