@@ -66,7 +66,8 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
                 const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
                 if constexpr (kInput) {
                   if constexpr (kTraining) {
-                    dx[k] = from_acc<scalar_t>((gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
+                    dx[k] = from_acc<scalar_t>(
+                        (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
                   } else {
                     dx[k] = from_acc<scalar_t>(gz * scale[k]);
                   }
