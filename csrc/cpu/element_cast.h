@@ -10,6 +10,7 @@
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cmath>
@@ -29,11 +30,11 @@ T from_acc(at::opmath_type<T> v) {
 template <>
 inline c10::Half from_acc<c10::Half>(float v) {
   const float magnitude = (std::fabs(v) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = __builtin_bit_cast(uint32_t, v);
+  const uint32_t w = c10::bit_cast<uint32_t>(v);
   const uint32_t two_w = w + w;  // the sign shifted out
   const uint32_t bias = std::max(two_w & 0xFF000000u, 0x71000000u);
-  const float rounded = __builtin_bit_cast(float, (bias >> 1) + 0x07800000u) + magnitude;
-  const uint32_t bits = __builtin_bit_cast(uint32_t, rounded);
+  const float rounded = c10::bit_cast<float>((bias >> 1) + 0x07800000u) + magnitude;
+  const uint32_t bits = c10::bit_cast<uint32_t>(rounded);
   const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
   const uint32_t sign = (w & 0x80000000u) >> 16;
   return c10::Half(static_cast<uint16_t>(sign | (two_w > 0xFF000000u ? 0x7E00u : nonsign)), c10::Half::from_bits());
