@@ -249,3 +249,28 @@ def test_cpu_float16_rounding(relu):
     nan = expected.isnan()
     assert torch.equal(y.isnan(), nan)
     assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("layout", ["nchw", "slice", "padded"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cpu_flat_lines(threads, layout, dtype, training):
+    """NCHW lines of at most 36 values (6x6 and smaller), 4 samples or more: the elementwise
+    passes take each sample's lines of a run of channels as one line (Walk::flat_lines). 230
+    channels of 3x3 make runs of 227 and 3; a channel slice keeps each sample's lines end to
+    end; lines padded to 10 values do not, and are walked one by one."""
+    require("cpu", "cpu", dtype)
+    shape = (5, 230, 3, 3)
+    if layout == "padded":
+        x = make_input((5, 230, 10), dtype, "cpu")[..., :9].unflatten(2, (3, 3))
+        assert x.stride()[1:] == (10, 3, 1)
+    else:
+        x = make_input(shape, dtype, "cpu", layout)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=training)
+        run_and_compare("cpu", "cpu", x, training=training)
+    finally:
+        torch.set_num_threads(previous)

@@ -73,6 +73,12 @@ template <typename scalar_t>
 void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residual, bool relu,
                const Affine<at::opmath_type<scalar_t>>& affine, const at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool flat = for_flat_runs(w, {&input, &residual, &output}, [&](const Walk& lines, const Walk& part) {
+    const Affine<acc_t> expanded{expand_channels(part, affine.mean.data()), expand_channels(part, affine.scale.data()),
+                                 expand_channels(part, affine.shift.data())};
+    normalize<scalar_t>(lines, input, residual, relu, expanded, output);
+  });
+  if (flat) return;
   dispatch_bool(residual.defined(), [&](auto has_residual) {
     dispatch_bool(relu, [&](auto do_relu) {
       dispatch_strides(w, {&input, &residual, &output}, [&](auto ts, auto cs) {

@@ -82,6 +82,24 @@ constexpr int64_t kSegment = 4096;
 // 0.28 -> 0.40 ms; the backward's sums with grad_residual, 32x64x56x56, 3.0 -> 4.1 ms).
 constexpr int64_t kLineGroup = 4;
 
+// Lines along L of at most this many elements (8x8 and smaller) are summed by
+// sum_short_lines_along_l. Line by line, the fold of each line's lanes took longer than its
+// few vector steps: the training forward's statistics at 16x1024x7x7 ran slower than
+// torch.compile's. Past 8x8 the two ways ran alike (bench/NOTES.md).
+constexpr int64_t kShortLine = 64;
+// Short lines are taken channels side by side, in runs of about this many elements: their
+// lines lie end to end in each sample, a stream the prefetcher follows (runs of 512 made the
+// backward's sums at 7x7 slower than line by line), and a run's expanded per-channel arrays
+// (for_flat_runs) stay in L1.
+constexpr int64_t kShortRun = 2048;
+// Lines along L of at most this many elements (6x6 and smaller) are walked as one line per
+// sample (Walk::flat_lines) where the layout allows: the eval forward at 16x2048x3x3 NCHW
+// took 0.12 ms line by line, 0.05 ms so; at 6x6 the two ways ran level, at 7x7 and 8x8 the
+// flat lines were 6-11% slower (bench/NOTES.md).
+constexpr int64_t kFlatLine = 36;
+// Walk::flat_lines needs at least this many samples to repay its expanded per-channel arrays.
+constexpr int64_t kFlatSamples = 4;
+
 // Lines run along the dim that loads contiguously: L for NCHW, C for
 // channels_last and whenever L == 1; for other strides, the smaller one.
 inline bool walk_along_c(const Strided3d& x) {
@@ -99,6 +117,7 @@ struct Walk {
   int64_t M;       // values per channel: N * L
   int64_t c0, nc;  // the channels covered
   int64_t j0;      // first line index: c0 along L, 0 along C
+  bool flat = false;  // one line per sample: the covered channels' lines end to end (flat_lines)
 
   explicit Walk(const Strided3d& x)
       : along_c(walk_along_c(x)),
@@ -125,7 +144,31 @@ struct Walk {
   // Segments per parallel chunk: about GRAIN_SIZE elements, so small tensors stay on one thread.
   int64_t grain() const { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::min(len, kSegment)); }
 
-  int64_t line_stride_of(const Strided3d& v) const { return along_c ? v.sC : v.sL; }
+  int64_t line_stride_of(const Strided3d& v) const { return flat ? 1 : along_c ? v.sC : v.sL; }
+
+  // Along L, for short lines of tensors whose samples hold the covered channels end to end
+  // (each of `tensors` with channel stride L and position stride 1): the same elements as
+  // one line per sample, nc * L long, each line's own loop (a few vector steps at 3x3)
+  // merged into one. The lines carry the channel along them, as along C; per-channel
+  // arrays are read expanded to one value per element (expand_channels). Past a few samples
+  // that expansion costs less than the lines' loops. For elementwise passes only: nothing
+  // sums along a flat line.
+  std::optional<Walk> flat_lines(std::initializer_list<const at::Tensor*> tensors) const {
+    if (along_c || flat || len > kFlatLine || N < kFlatSamples) return std::nullopt;
+    const bool end_to_end = std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor* t) {
+      if (!t->defined()) return true;
+      const Strided3d v = view3d(*t, "tensor");
+      return v.sL == 1 && v.sC == len;
+    });
+    if (!end_to_end) return std::nullopt;
+    Walk lines = *this;
+    lines.along_c = lines.flat = true;
+    lines.J = 1;
+    lines.j0 = 0;
+    lines.len = nc * len;
+    lines.segs = (lines.len + kSegment - 1) / kSegment;
+    return lines;
+  }
 
   // Calls f(n, j, k_begin, k_end) for the segments [begin, end) in order.
   template <typename F>
@@ -160,16 +203,45 @@ struct Walk {
     if (!t.defined()) return {nullptr, 0, 0, S{}};
     const Strided3d v = view3d(t, "tensor");
     T* data = t.data_ptr<std::remove_const_t<T>>();
+    if (flat) return Lines<T, S>{data + c0 * v.sC, v.sN, 0, line_stride<S>(1)};
     return along_c ? Lines<T, S>{data, v.sN, v.sL, line_stride<S>(v.sC)}
                    : Lines<T, S>{data, v.sN, v.sC, line_stride<S>(v.sL)};
   }
 
-  // A (C,) array as lines: indexed by position along C, constant along L.
+  // A (C,) array as lines: indexed by position along C, constant along L; on a flat walk,
+  // an expanded one (expand_channels), indexed by position along the line.
   template <typename S, typename T>
   Lines<T, S> per_channel(T* data) const {
     return along_c ? Lines<T, S>{data, 0, 0, line_stride<S>(1)} : Lines<T, S>{data, 0, 1, line_stride<S>(0)};
   }
 };
+
+// A per-channel array as a flat walk (Walk::flat_lines) reads it: the value of channel
+// c0 + i of the along-L walk `w` at elements [i * L, (i + 1) * L).
+template <typename T>
+std::vector<T> expand_channels(const Walk& w, const T* per_channel) {
+  std::vector<T> expanded(w.nc * w.len);
+  for (int64_t i = 0; i < w.nc; ++i) {
+    std::fill_n(expanded.begin() + i * w.len, w.len, per_channel[w.c0 + i]);
+  }
+  return expanded;
+}
+
+// Calls f(flat, part) in parallel for runs of the along-L walk w's channels, about
+// kShortRun elements each: `part` the walk of a run's channels, `flat` its flat walk
+// (Walk::flat_lines). Returns false, having called nothing, where w's lines do not qualify.
+template <typename F>
+bool for_flat_runs(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
+  if (!w.flat_lines(tensors)) return false;
+  const int64_t run = std::max<int64_t>(1, kShortRun / w.len);
+  at::parallel_for(0, w.nc, run, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i += run) {
+      const Walk part = w.channels(w.c0 + i, w.c0 + std::min(i + run, end));
+      f(*part.flat_lines(tensors), part);
+    }
+  });
+  return true;
+}
 
 // Calls f(TensorStride{}, ChannelStride{}): the line-stride types of the tensors
 // (Unit when every defined one of `tensors` has unit stride along the lines,
@@ -264,16 +336,6 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
 // folded into double.
 constexpr int64_t kFoldLines = 256;
 static_assert(kFoldLines % kLineGroup == 0, "a fold falls between groups");
-
-// Lines along L of at most this many elements (8x8 and smaller) are summed by
-// sum_short_lines_along_l. Line by line, the fold of each line's lanes took longer than its
-// few vector steps: the training forward's statistics at 16x1024x7x7 ran slower than
-// torch.compile's. Past 8x8 the two ways ran alike (bench/NOTES.md).
-constexpr int64_t kShortLine = 64;
-// sum_short_lines_along_l takes channels side by side in runs of about this many elements:
-// their lines lie end to end in each sample, a stream the prefetcher follows (runs of 512
-// made the backward's sums at 7x7 slower than line by line).
-constexpr int64_t kShortRun = 2048;
 
 // Adds to sums[i] and sums[nc + i] the sums of the pairs that line_fn(n, j)(k) yields over
 // channel j = c0 + i's lines, for i in [begin, end), for short lines (len <= kShortLine).
