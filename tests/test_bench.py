@@ -7,7 +7,7 @@ import pytest
 
 import torch
 
-from bench import dram, host
+from bench import ab, dram, host
 from bench.__main__ import _targets_table, parse_args
 from bench.cli import comma_list
 
@@ -123,3 +123,19 @@ def test_targets_follow_the_issue():
     summarize(cpu, torch.device("cpu"), {cpu_case.label: cpu_case})
     assert cpu[0]["targets"] == {"speedup_vs_eager": dict(want=1.5, got=None, met=False)}
     assert "x eager not measured (>= 1.5) MISSED" in _targets_table(cpu)
+
+
+def test_ab_times_both_builds(capsys, tmp_path):
+    """bench.ab against this same checkout as its base: every case and op gets a row with both
+    builds' times; a base with no cnnkern package is refused by name."""
+    root = str(ab.ROOT)
+    ab.main(["--base", root, "--shape", "4,3,2,2", "--layout", "nchw,channels_last", "--rounds", "1", "--calls", "3"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[2]) for r in rows] == [(case, op) for case in ("4x3x2x2", "4x3x2x2") for op in ab.OPS]
+    assert [r[1] for r in rows] == ["nchw"] * 4 + ["channels_last"] * 4
+    for r in rows:
+        base, new, ratio = map(float, r[3:])
+        assert base > 0 and new > 0 and ratio == pytest.approx(new / base, rel=0.2)  # of 3-decimal times
+    with pytest.raises(SystemExit):
+        ab.main(["--base", str(tmp_path)])
+    assert "no cnnkern package" in capsys.readouterr().err
