@@ -147,20 +147,23 @@ struct Walk {
   int64_t line_stride_of(const Strided3d& v) const { return flat ? 1 : along_c ? v.sC : v.sL; }
 
   // Along L, for short lines of tensors whose samples hold the covered channels end to end
-  // (each of `tensors` with channel stride L and position stride 1): the same elements as
-  // one line per sample, nc * L long, each line's own loop (a few vector steps at 3x3)
-  // merged into one. The lines carry the channel along them, as along C; per-channel
-  // arrays are read expanded to one value per element (expand_channels). Past a few samples
-  // that expansion costs less than the lines' loops. For elementwise passes only: nothing
-  // sums along a flat line.
-  std::optional<Walk> flat_lines(std::initializer_list<const at::Tensor*> tensors) const {
-    if (along_c || flat || len > kFlatLine || N < kFlatSamples) return std::nullopt;
-    const bool end_to_end = std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor* t) {
+  // (each of `tensors` with channel stride L and position stride 1), the elementwise passes
+  // take each sample's lines as one (flat_lines): each line's own loop (a few vector steps
+  // at 3x3) merged into one. Past a few samples the per-channel arrays' expansion
+  // (expand_channels) costs less than the lines' loops.
+  bool has_flat_lines(std::initializer_list<const at::Tensor*> tensors) const {
+    if (along_c || flat || len > kFlatLine || N < kFlatSamples) return false;
+    return std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor* t) {
       if (!t->defined()) return true;
       const Strided3d v = view3d(*t, "tensor");
       return v.sL == 1 && v.sC == len;
     });
-    if (!end_to_end) return std::nullopt;
+  }
+
+  // The same elements as one line per sample, nc * L long, where has_flat_lines. The lines
+  // carry the channel along them, as along C; per-channel arrays are read expanded to one
+  // value per element. For elementwise passes only: nothing sums along a flat line.
+  Walk flat_lines() const {
     Walk lines = *this;
     lines.along_c = lines.flat = true;
     lines.J = 1;
@@ -229,15 +232,16 @@ std::vector<T> expand_channels(const Walk& w, const T* per_channel) {
 
 // Calls f(flat, part) in parallel for runs of the along-L walk w's channels, about
 // kShortRun elements each: `part` the walk of a run's channels, `flat` its flat walk
-// (Walk::flat_lines). Returns false, having called nothing, where w's lines do not qualify.
+// (Walk::flat_lines). Returns false, having called nothing, where w's lines do not qualify
+// (Walk::has_flat_lines).
 template <typename F>
 bool for_flat_runs(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
-  if (!w.flat_lines(tensors)) return false;
+  if (!w.has_flat_lines(tensors)) return false;
   const int64_t run = std::max<int64_t>(1, kShortRun / w.len);
   at::parallel_for(0, w.nc, run, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += run) {
       const Walk part = w.channels(w.c0 + i, w.c0 + std::min(i + run, end));
-      f(*part.flat_lines(tensors), part);
+      f(part.flat_lines(), part);
     }
   });
   return true;
