@@ -2,6 +2,10 @@
 that runs here: outputs, all gradients, running stats."""
 import functools
 import itertools
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -249,6 +253,59 @@ def test_cpu_float16_rounding(relu):
     nan = expected.isnan()
     assert torch.equal(y.isnan(), nan)
     assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+# float16 tensors of unit line stride are converted a chunk of 512 values at a time
+# (csrc/cpu/stage.h): lines longer than a chunk with some left over, along L (4900 values, two
+# segments) and along C (1100 channels); short lines, summed 4 samples at a time (9 = 4 + 4 +
+# 1) and walked flat; grad_output and the residual in the input's layout, so that every
+# tensor is staged, or NCHW under a channels_last input, so that none is.
+FLOAT16_STAGED = {
+    "nchw-long": ((2, 3, 70, 70), "nchw", True),
+    "cl-long": ((3, 1100, 2, 3), "channels_last", True),
+    "nchw-short": ((9, 70, 5, 5), "nchw", True),
+    "cl-mixed": ((3, 1100, 2, 3), "channels_last", False),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", FLOAT16_STAGED)
+def test_cpu_float16_staged(case, training):
+    require("cpu", "cpu", torch.float16)
+    shape, layout, like_input = FLOAT16_STAGED[case]
+    x = make_input(shape, torch.float16, "cpu", layout)
+    run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=training,
+                    operands_like_input=like_input)
+    run_and_compare("cpu", "cpu", x, training=training, operands_like_input=like_input)
+
+
+def _cpu_has_f16c() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and " f16c" in line for line in f)
+
+
+def test_cpu_float16_conversions():
+    """The staged float16 loops convert with F16C where the CPU has it, and with the portable
+    loops under CNNKERN_CPU_F16C=0, which a subprocess runs the float16 tests with. The two
+    round alike; they differ in NaN payloads, which F16C keeps: that tells which one ran."""
+    require("cpu", "cpu", torch.float16)
+    nan = torch.tensor([0x7E01], dtype=torch.int16).view(torch.float16)  # a quiet NaN, payload 1
+    x = nan.reshape(1, 1, 1).expand(2, 1, 64).contiguous()
+    one, zero = torch.ones(1), torch.zeros(1)
+    y = torch.ops.cnnkern.bn_forward_eval(x, one, zero, None, zero, one, 0.0, False)
+    portable = os.environ.get("CNNKERN_CPU_F16C") == "0"
+    expected = 0x7E00 if portable or not _cpu_has_f16c() else 0x7E01
+    assert y.view(torch.int16).unique().tolist() == [expected]
+    if portable:
+        return
+    env = dict(os.environ, CNNKERN_CPU_F16C="0")
+    tests = "float16_rounding or float16_staged or float16_conversions"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
 
 
 @pytest.mark.parametrize("threads", [1, 3])

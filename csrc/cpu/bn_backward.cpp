@@ -58,7 +58,9 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
           dispatch_strides(w, {&grad_output, &x_used, &output, &grad_input, &grad_residual}, [&](auto ts, auto cs) {
             using TS = decltype(ts);
             using CS = decltype(cs);
-            constexpr bool kRelu = decltype(do_relu)::value, kTraining = decltype(is_training)::value;
+            // (maybe_unused: GCC 12 misses a use as a template argument inside a generic lambda)
+            [[maybe_unused]] constexpr bool kRelu = decltype(do_relu)::value;
+            constexpr bool kTraining = decltype(is_training)::value;
             constexpr bool kInput = decltype(want_input)::value, kResidual = decltype(want_residual)::value;
             const auto G = w.lines<const scalar_t, TS>(grad_output);
             const auto X = w.lines<const scalar_t, TS>(x_used);
@@ -69,20 +71,19 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
             const auto MeanGz = w.per_channel<CS>(coeffs.mean_gz.data());
             const auto Proj = w.per_channel<CS>(coeffs.proj.data());
             const auto Scale = w.per_channel<CS>(coeffs.scale.data());
-            for_each_element(w, [&](int64_t n, int64_t j) {
-              return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dx = DX.line(n, j), dr = DR.line(n, j),
-                      mean = Mean.line(n, j), mean_gz = MeanGz.line(n, j), proj = Proj.line(n, j),
-                      scale = Scale.line(n, j)](int64_t k) {
+            for_each_element<StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j, auto& stage) {
+              return [g = stage.in(G.line(n, j)), x = stage.in(X.line(n, j)), y = stage.in(Y.line(n, j)),
+                      dx = stage.out(DX.line(n, j)), dr = stage.out(DR.line(n, j)), mean = Mean.line(n, j),
+                      mean_gz = MeanGz.line(n, j), proj = Proj.line(n, j), scale = Scale.line(n, j)](int64_t k) {
                 const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
                 if constexpr (kInput) {
                   if constexpr (kTraining) {
-                    dx[k] = from_acc<scalar_t>(
-                        (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
+                    store(dx, k, (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
                   } else {
-                    dx[k] = from_acc<scalar_t>(gz * scale[k]);
+                    store(dx, k, gz * scale[k]);
                   }
                 }
-                if constexpr (kResidual) dr[k] = from_acc<scalar_t>(gz);
+                if constexpr (kResidual) store(dr, k, gz);
               };
             });
           });

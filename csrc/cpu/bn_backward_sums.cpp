@@ -22,20 +22,23 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
       dispatch_strides(w, {&grad_output, &input, &output, &grad_residual}, [&](auto ts, auto cs) {
         using TS = decltype(ts);
         using CS = decltype(cs);
-        constexpr bool kRelu = decltype(do_relu)::value, kResidual = decltype(want_residual)::value;
+        // (maybe_unused: GCC 12 misses a use as a template argument inside a generic lambda)
+        [[maybe_unused]] constexpr bool kRelu = decltype(do_relu)::value;
+        constexpr bool kResidual = decltype(want_residual)::value;
         const auto G = w.lines<const scalar_t, TS>(grad_output);
         const auto X = w.lines<const scalar_t, TS>(input);
         const auto Y = w.lines<const scalar_t, TS>(output);
         const auto DR = w.lines<scalar_t, TS>(grad_residual);
         const auto Mean = w.per_channel<CS>(mean);
-        sums = channel_sums<acc_t, CS, /*kGroupLines=*/false>(w, [&](int64_t n, int64_t j) {
-          return [g = G.line(n, j), x = X.line(n, j), y = Y.line(n, j), dr = DR.line(n, j),
-                  mean = Mean.line(n, j)](int64_t k) {
+        const auto line_fn = [&](int64_t n, int64_t j, auto& stage) {
+          return [g = stage.in(G.line(n, j)), x = stage.in(X.line(n, j)), y = stage.in(Y.line(n, j)),
+                  dr = stage.out(DR.line(n, j)), mean = Mean.line(n, j)](int64_t k) {
             const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
-            if constexpr (kResidual) dr[k] = from_acc<scalar_t>(gz);
+            if constexpr (kResidual) store(dr, k, gz);
             return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
           };
-        });
+        };
+        sums = channel_sums<acc_t, CS, /*kGroupLines=*/false, StageFor<scalar_t, TS>>(w, line_fn);
       });
     });
   });

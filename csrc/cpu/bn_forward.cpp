@@ -38,8 +38,9 @@ std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const a
     using CS = decltype(cs);
     const auto X = w.lines<const scalar_t, TS>(input);
     const auto Ref = w.per_channel<CS>(ref);
-    sums = channel_sums<acc_t, CS, /*kGroupLines=*/true>(w, [&](int64_t n, int64_t j) {
-      return [x = X.line(n, j), ref = Ref.line(n, j)](int64_t k) {
+    sums = channel_sums<acc_t, CS, /*kGroupLines=*/true, StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j,
+                                                                                         auto& stage) {
+      return [x = stage.in(X.line(n, j)), ref = Ref.line(n, j)](int64_t k) {
         const acc_t d = static_cast<acc_t>(x[k]) - ref[k];
         return std::pair<acc_t, acc_t>(d, d * d);
       };
@@ -91,13 +92,13 @@ void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residua
         const auto Mean = w.per_channel<CS>(affine.mean.data());
         const auto Scale = w.per_channel<CS>(affine.scale.data());
         const auto Shift = w.per_channel<CS>(affine.shift.data());
-        for_each_element(w, [&](int64_t n, int64_t j) {
-          return [x = X.line(n, j), r = R.line(n, j), y = Y.line(n, j), mean = Mean.line(n, j),
-                  scale = Scale.line(n, j), shift = Shift.line(n, j)](int64_t k) {
+        for_each_element<StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j, auto& stage) {
+          return [x = stage.in(X.line(n, j)), r = stage.in(R.line(n, j)), y = stage.out(Y.line(n, j)),
+                  mean = Mean.line(n, j), scale = Scale.line(n, j), shift = Shift.line(n, j)](int64_t k) {
             acc_t v = (static_cast<acc_t>(x[k]) - mean[k]) * scale[k] + shift[k];
             if constexpr (kResidual) v += static_cast<acc_t>(r[k]);
             if constexpr (kRelu) v = std::max(v, acc_t(0));
-            y[k] = from_acc<scalar_t>(v);
+            store(y, k, v);
           };
         });
       });

@@ -34,6 +34,7 @@
 
 #include "bn_checks.h"
 #include "cpu/element_cast.h"
+#include "cpu/stage.h"
 
 namespace cnnkern::cpu {
 
@@ -53,6 +54,11 @@ S line_stride(int64_t s) {
     return S{};
   }
 }
+
+// The stage of the line loops of a pass over scalar_t tensors whose line strides are TS
+// (csrc/cpu/stage.h): float16 lines of unit stride are converted a chunk at a time.
+template <typename scalar_t, typename TS>
+using StageFor = std::conditional_t<std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>, Stage, NoStage>;
 
 // One line of a tensor: element k is p[k * stride].
 template <typename T, typename S>
@@ -288,49 +294,64 @@ void dispatch_bool(bool b, const F& f) {
 #define CNNKERN_VECTOR_CLONES
 #endif
 
-// Runs line_fn(n, j)(k) for every element of segments [begin, end).
-template <typename LineFn>
+// Line functions: line_fn(n, j, stage) gives the element function of line (n, j), elem(k),
+// its tensors' lines wrapped by `stage`, an St (StageFor; csrc/cpu/stage.h).
+
+// Runs line_fn(n, j, stage)(k) for every element of segments [begin, end).
+template <typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn) {
+  St stage;
   w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    const auto elem = line_fn(n, j);
+    St::for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
+      stage.begin(c0, c1);
+      const auto elem = line_fn(n, j, stage);
 #pragma omp simd
-    for (int64_t k = k0; k < k1; ++k) elem(k);
+      for (int64_t k = c0; k < c1; ++k) elem(k);
+      stage.end();
+    });
   });
 }
 
-// Runs line_fn(n, j)(k) for every element (n, j, k), in parallel over segments.
-template <typename LineFn>
+// Runs line_fn(n, j, stage)(k) for every element (n, j, k), in parallel over segments.
+template <typename St, typename LineFn>
 void for_each_element(const Walk& w, const LineFn& line_fn) {
   at::parallel_for(0, w.items(), w.grain(),
-                   [&](int64_t begin, int64_t end) { apply_segments(w, begin, end, line_fn); });
+                   [&](int64_t begin, int64_t end) { apply_segments<St>(w, begin, end, line_fn); });
 }
 
 // Along L, the partial sums of a segment: kLanes per quantity, in independent
 // vector registers, so that the adds pipeline instead of each waiting on the last.
 constexpr int64_t kLanes = 16;
 
+static_assert(Stage::kChunk % kLanes == 0, "a chunk leaves the lanes as a whole line would");
+
 // Adds the sums of the pairs of segments [begin, end) of L lines to sums[j - c0]
 // and sums[nc + j - c0]. The elements of a line are all channel j's.
-template <typename acc_t, typename LineFn>
+template <typename acc_t, typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
                                                 double* sums) {
+  St stage;
   w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    const auto elem = line_fn(n, j);
     std::array<acc_t, kLanes> a{}, b{};
-    int64_t k = k0;
-    for (; k + kLanes <= k1; k += kLanes) {
+    St::for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
+      stage.begin(c0, c1);
+      const auto elem = line_fn(n, j, stage);
+      int64_t k = c0;
+      for (; k + kLanes <= c1; k += kLanes) {
 #pragma omp simd
-      for (int64_t v = 0; v < kLanes; ++v) {
-        const std::pair<acc_t, acc_t> ab = elem(k + v);  // (a structured binding defeats GCC's if-conversion)
+        for (int64_t v = 0; v < kLanes; ++v) {
+          const std::pair<acc_t, acc_t> ab = elem(k + v);  // (a structured binding defeats GCC's if-conversion)
+          a[v] += ab.first;
+          b[v] += ab.second;
+        }
+      }
+      for (int64_t v = 0; k + v < c1; ++v) {
+        const std::pair<acc_t, acc_t> ab = elem(k + v);
         a[v] += ab.first;
         b[v] += ab.second;
       }
-    }
-    for (int64_t v = 0; k + v < k1; ++v) {
-      const std::pair<acc_t, acc_t> ab = elem(k + v);
-      a[v] += ab.first;
-      b[v] += ab.second;
-    }
+      stage.end();
+    });
     sums[j - w.c0] += std::accumulate(a.begin(), a.end(), 0.0);
     sums[w.nc + j - w.c0] += std::accumulate(b.begin(), b.end(), 0.0);
   });
@@ -341,13 +362,15 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
 constexpr int64_t kFoldLines = 256;
 static_assert(kFoldLines % kLineGroup == 0, "a fold falls between groups");
 
-// Adds to sums[i] and sums[nc + i] the sums of the pairs that line_fn(n, j)(k) yields over
+// Adds to sums[i] and sums[nc + i] the sums of the pairs that line_fn(n, j, stage)(k) yields over
 // channel j = c0 + i's lines, for i in [begin, end), for short lines (len <= kShortLine).
 // Per position of a channel's line, partial sums over its N lines (kLineGroup at a time, in
 // acc_t, folded into double every kFoldLines): a line needs no sum of its own.
-template <typename acc_t, typename LineFn>
+template <typename acc_t, typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin, int64_t end,
                                                    const LineFn& line_fn, double* sums) {
+  static_assert(kShortLine <= Stage::kChunk, "a short line is one chunk");
+  St stage;
   const int64_t len = w.len, group = std::max<int64_t>(1, kShortRun / len);
   std::vector<acc_t> part(2 * group * len);
   acc_t* a = part.data();
@@ -360,8 +383,9 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
       int64_t n = n0;
       for (; n + kLineGroup <= n1; n += kLineGroup) {
         for (int64_t g = 0; g < channels; ++g) {
-          const auto e0 = line_fn(n, j0 + g), e1 = line_fn(n + 1, j0 + g), e2 = line_fn(n + 2, j0 + g),
-                     e3 = line_fn(n + 3, j0 + g);
+          stage.begin(0, len);
+          const auto e0 = line_fn(n, j0 + g, stage), e1 = line_fn(n + 1, j0 + g, stage),
+                     e2 = line_fn(n + 2, j0 + g, stage), e3 = line_fn(n + 3, j0 + g, stage);
           acc_t* ag = a + g * len;
           acc_t* bg = b + g * len;
 #pragma omp simd
@@ -370,11 +394,13 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
             ag[k] += (p0.first + p1.first) + (p2.first + p3.first);
             bg[k] += (p0.second + p1.second) + (p2.second + p3.second);
           }
+          stage.end();
         }
       }
       for (; n < n1; ++n) {
         for (int64_t g = 0; g < channels; ++g) {
-          const auto elem = line_fn(n, j0 + g);
+          stage.begin(0, len);
+          const auto elem = line_fn(n, j0 + g, stage);
           acc_t* ag = a + g * len;
           acc_t* bg = b + g * len;
 #pragma omp simd
@@ -383,6 +409,7 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
             ag[k] += ab.first;
             bg[k] += ab.second;
           }
+          stage.end();
         }
       }
       for (int64_t g = 0; g < channels; ++g) {
@@ -396,9 +423,10 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
 // Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
 // and sums[C + c]. Element k of a line is channel k's (and the walk covers all C).
 // kGroupLines: whole lines kLineGroup at a time (for_line_groups).
-template <typename acc_t, bool kGroupLines, typename LineFn>
+template <typename acc_t, bool kGroupLines, typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
                                                 double* sums) {
+  St stage;
   std::vector<acc_t> part(2 * w.C, 0);
   acc_t* a = part.data();
   acc_t* b = a + w.C;
@@ -407,25 +435,36 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   };
   int64_t lines = 0;
   const auto add_segment = [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    const auto elem = line_fn(n, j);
+    St::for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
+      stage.begin(c0, c1);
+      const auto elem = line_fn(n, j, stage);
 #pragma omp simd
-    for (int64_t k = k0; k < k1; ++k) {
-      const std::pair<acc_t, acc_t> ab = elem(k);
-      a[k] += ab.first;
-      b[k] += ab.second;
-    }
+      for (int64_t k = c0; k < c1; ++k) {
+        const std::pair<acc_t, acc_t> ab = elem(k);
+        a[k] += ab.first;
+        b[k] += ab.second;
+      }
+      stage.end();
+    });
     if (++lines % kFoldLines == 0) fold();
   };
   if constexpr (kGroupLines) {
-    const auto line = [&](int64_t i) { return std::apply(line_fn, w.line_of(i)); };
+    const auto line = [&](int64_t i) {
+      const auto [n, j] = w.line_of(i);
+      return line_fn(n, j, stage);
+    };
     const auto add_group = [&](int64_t i) {
-      const auto e0 = line(i), e1 = line(i + 1), e2 = line(i + 2), e3 = line(i + 3);
+      St::for_chunks(0, w.len, [&](int64_t c0, int64_t c1) {
+        stage.begin(c0, c1);
+        const auto e0 = line(i), e1 = line(i + 1), e2 = line(i + 2), e3 = line(i + 3);
 #pragma omp simd
-      for (int64_t k = 0; k < w.len; ++k) {
-        const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
-        a[k] += (p0.first + p1.first) + (p2.first + p3.first);
-        b[k] += (p0.second + p1.second) + (p2.second + p3.second);
-      }
+        for (int64_t k = c0; k < c1; ++k) {
+          const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
+          a[k] += (p0.first + p1.first) + (p2.first + p3.first);
+          b[k] += (p0.second + p1.second) + (p2.second + p3.second);
+        }
+        stage.end();
+      });
       if ((lines += kLineGroup) % kFoldLines == 0) fold();
     };
     w.for_line_groups(begin, end, add_group, add_segment);
@@ -435,7 +474,7 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   fold();
 }
 
-// Per-channel sums of the pair (a, b) that line_fn(n, j)(k) yields per element,
+// Per-channel sums of the pair (a, b) that line_fn(n, j, stage)(k) yields per element,
 // for the walk's channels c0 + i, i < nc: {sum a for each, then sum b for each}.
 // Partial sums are acc_t (vector-wide, fast) over at most a segment or
 // kFoldLines lines, folded into per-thread double sums (accurate whatever N * L),
@@ -444,14 +483,14 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
 // ChannelStride tells where the channel is: j on an L line, k on a C line.
 // kGroupLines: along C, whole lines kLineGroup at a time, for a line_fn that reads
 // one tensor (4 streams); with more, the grouped loop ran slower on large tensors.
-template <typename acc_t, typename ChannelStride, bool kGroupLines, typename LineFn>
+template <typename acc_t, typename ChannelStride, bool kGroupLines, typename St, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
   const int64_t size = 2 * w.nc;
   if (std::is_same_v<ChannelStride, Bcast> && w.len <= kShortLine && w.nc >= at::get_num_threads()) {
     std::vector<double> total(size, 0.0);  // a channel's sums on one thread: nothing to combine
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / w.M);
     at::parallel_for(0, w.nc, grain, [&](int64_t begin, int64_t end) {
-      sum_short_lines_along_l<acc_t>(w, begin, end, line_fn, total.data());
+      sum_short_lines_along_l<acc_t, St>(w, begin, end, line_fn, total.data());
     });
     return total;
   }
@@ -462,9 +501,9 @@ std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
     TORCH_INTERNAL_ASSERT(tid < nthreads);
     double* sums = thread_sums.data() + tid * size;
     if constexpr (std::is_same_v<ChannelStride, Bcast>) {
-      sum_segments_along_l<acc_t>(w, begin, end, line_fn, sums);
+      sum_segments_along_l<acc_t, St>(w, begin, end, line_fn, sums);
     } else {
-      sum_segments_along_c<acc_t, kGroupLines>(w, begin, end, line_fn, sums);
+      sum_segments_along_c<acc_t, kGroupLines, St>(w, begin, end, line_fn, sums);
     }
   });
   std::vector<double> total(size, 0.0);

@@ -1,12 +1,17 @@
-// Stores of the CPU kernels' line loops (bn_lines.h): a value they computed in acc_t
-// (at::opmath_type: float for float16 and bfloat16), rounded to the tensor's element type.
+// Conversions of the CPU kernels' line loops (bn_lines.h) between the tensors' element
+// types and acc_t (at::opmath_type: float for float16 and bfloat16).
 //
-// c10::Half's constructor from float does not vectorize (GCC: "more than one data ref"), and
-// with it none of the float16 kernels' loops did: they ran 15x slower than eager's
-// (bench/NOTES.md). from_acc<c10::Half> computes the same bits as c10's portable conversion
-// (round to nearest even; NaN gives 0x7E00) in a form GCC vectorizes, given
-// -fno-trapping-math (setup.py). Loads need nothing of the kind: c10's conversions to float
-// vectorize.
+// from_acc: a value computed in acc_t, rounded to the element type. c10::Half's constructor
+// from float does not vectorize (GCC: "more than one data ref"), and with it none of the
+// float16 kernels' loops did: they ran 15x slower than eager's (bench/NOTES.md).
+// from_acc<c10::Half> computes the same bits as c10's portable conversion (round to nearest
+// even; NaN gives 0x7E00) in a form GCC vectorizes, given -fno-trapping-math (setup.py).
+//
+// halves_to_floats / floats_to_halves: float16 a run at a time, for the staged line loops
+// (csrc/cpu/stage.h). Element by element, the conversions in software took most of a float16
+// kernel's time (eval 2.6x eager's); F16C does 8 values in one instruction, and GCC 12
+// vectorizes no conversion to or from _Float16, so these call it themselves where the CPU has
+// it. Both ways round to nearest even: the same bits, but for NaN payloads.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/Half.h>
@@ -15,6 +20,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CNNKERN_F16C 1
+#include <immintrin.h>
+#endif
 
 namespace cnnkern::cpu {
 
@@ -38,6 +50,54 @@ inline c10::Half from_acc<c10::Half>(float v) {
   const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
   const uint32_t sign = (w & 0x80000000u) >> 16;
   return c10::Half(static_cast<uint16_t>(sign | (two_w > 0xFF000000u ? 0x7E00u : nonsign)), c10::Half::from_bits());
+}
+
+#ifdef CNNKERN_F16C
+__attribute__((target("avx,f16c"))) inline void halves_to_floats_f16c(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
+}
+
+__attribute__((target("avx,f16c"))) inline void floats_to_halves_f16c(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i halves = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), halves);
+  }
+  for (; i < n; ++i) dst[i] = c10::Half(_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT), c10::Half::from_bits());
+}
+#endif
+
+// Whether the run conversions use F16C: where the CPU has it, unless CNNKERN_CPU_F16C=0
+// (read once per process; the tests use it to check the portable loops).
+inline bool use_f16c() {
+#ifdef CNNKERN_F16C
+  static const bool use = [] {
+    const char* env = std::getenv("CNNKERN_CPU_F16C");
+    const bool allowed = env == nullptr || std::strcmp(env, "0") != 0;
+    return allowed && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+inline void halves_to_floats(const c10::Half* src, float* dst, int64_t n) {
+#ifdef CNNKERN_F16C
+  if (use_f16c()) return halves_to_floats_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void floats_to_halves(const float* src, c10::Half* dst, int64_t n) {
+#ifdef CNNKERN_F16C
+  if (use_f16c()) return floats_to_halves_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_acc<c10::Half>(src[i]);
 }
 
 }  // namespace cnnkern::cpu

@@ -1,0 +1,128 @@
+// Staged line loops for float16 (used by the passes of bn_lines.h): a loop over elements
+// [k0, k1) of some lines runs a chunk of them at a time, its float16 lines read from and
+// written to float buffers that are converted a chunk at a time (halves_to_floats and
+// floats_to_halves, F16C where the CPU has it). Element by element, the conversions took most
+// of the float16 kernels' time; the buffers of a chunk stay in L1.
+//
+// A pass's line function takes the stage of its loop and wraps its tensors' lines:
+// stage.in(line) for those it reads, stage.out(line) for those it writes, and writes them
+// with store(). NoStage, for every other element type or stride, returns the lines as they
+// are and runs the loop in one chunk.
+#pragma once
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/element_cast.h"
+
+namespace cnnkern::cpu {
+
+template <typename T, typename S>
+struct Line;
+
+// Elements [k0, k1) of a line, in a buffer: element k at p[k - k0].
+template <typename T>
+struct ChunkLine {
+  T* p;
+  int64_t k0;
+  T& operator[](int64_t k) const { return p[k - k0]; }
+};
+
+// line[k] = v, rounded to the line's element type.
+template <typename L, typename A>
+void store(const L& line, int64_t k, A v) {
+  auto& element = line[k];
+  element = from_acc<std::remove_reference_t<decltype(element)>>(v);
+}
+
+// The lines of one loop as they are: no chunks.
+struct NoStage {
+  template <typename F>
+  static void for_chunks(int64_t k0, int64_t k1, const F& f) {
+    f(k0, k1);
+  }
+  void begin(int64_t, int64_t) {}
+  void end() {}
+  template <typename L>
+  L in(const L& line) const {
+    return line;
+  }
+  template <typename L>
+  L out(const L& line) const {
+    return line;
+  }
+};
+
+// float16 lines of unit stride (Line<c10::Half, Unit> of bn_lines.h), a chunk at a time:
+// begin(k0, k1), then in() and out() for each line the loop touches, the loop, then end(),
+// which converts what the loop wrote.
+class Stage {
+ public:
+  // Elements per line in a chunk: a multiple of the lane counts of the sums (bn_lines.h), so
+  // that chunks leave their lanes as one pass over the line would. 512 beat 1024 by up to 1.3x
+  // (bench.ab, float16, 2-core AMD EPYC, 32 KB L1d): 16 slots of 1024 floats overflow L1.
+  static constexpr int64_t kChunk = 512;
+  // Lines per chunk: the most a loop touches is 4 lines (a group) of 4 tensors.
+  static constexpr int kSlots = 16;
+
+  Stage() = default;
+  Stage(const Stage&) = delete;
+  Stage& operator=(const Stage&) = delete;
+
+  template <typename F>
+  static void for_chunks(int64_t k0, int64_t k1, const F& f) {
+    for (int64_t c = k0; c < k1; c += kChunk) f(c, std::min(c + kChunk, k1));
+  }
+
+  void begin(int64_t k0, int64_t k1) {
+    TORCH_INTERNAL_ASSERT(k1 - k0 <= kChunk);
+    k0_ = k0;
+    size_ = k1 - k0;
+    used_ = outputs_ = 0;
+  }
+
+  void end() {
+    for (int i = 0; i < outputs_; ++i) floats_to_halves(pending_[i].values, pending_[i].dst, size_);
+  }
+
+  // A line the loop reads; an absent tensor's (a null line) is never read, and stays null.
+  template <typename S>
+  ChunkLine<const float> in(const Line<const c10::Half, S>& line) {
+    static_assert(S::value == 1, "staged lines have unit stride");
+    if (line.p == nullptr) return {nullptr, k0_};
+    float* slot = take();
+    halves_to_floats(line.p + k0_, slot, size_);
+    return {slot, k0_};
+  }
+
+  // A line the loop writes (every element of the chunk).
+  template <typename S>
+  ChunkLine<float> out(const Line<c10::Half, S>& line) {
+    static_assert(S::value == 1, "staged lines have unit stride");
+    if (line.p == nullptr) return {nullptr, k0_};
+    float* slot = take();
+    pending_[outputs_++] = {slot, line.p + k0_};
+    return {slot, k0_};
+  }
+
+ private:
+  float* take() {
+    TORCH_INTERNAL_ASSERT(used_ < kSlots);
+    return buffer_.data() + kChunk * used_++;
+  }
+
+  struct Output {
+    const float* values;
+    c10::Half* dst;
+  };
+  alignas(64) std::array<float, kChunk * kSlots> buffer_;
+  std::array<Output, kSlots> pending_;
+  int64_t k0_ = 0, size_ = 0;
+  int used_ = 0, outputs_ = 0;
+};
+
+}  // namespace cnnkern::cpu
