@@ -53,8 +53,11 @@ inline c10::Half from_acc<c10::Half>(float v) {
 }
 
 #ifdef CNNKERN_F16C
+// Unrolled by 4: a step converts 8 values in two instructions, and the loop's own three made
+// the float16 passes up to 1.3x slower (bench.ab, 2-core AMD EPYC).
 __attribute__((target("avx,f16c"))) inline void halves_to_floats_f16c(const c10::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
+#pragma GCC unroll 4
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   }
@@ -63,6 +66,7 @@ __attribute__((target("avx,f16c"))) inline void halves_to_floats_f16c(const c10:
 
 __attribute__((target("avx,f16c"))) inline void floats_to_halves_f16c(const float* src, c10::Half* dst, int64_t n) {
   int64_t i = 0;
+#pragma GCC unroll 4
   for (; i + 8 <= n; i += 8) {
     const __m128i halves = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), halves);
