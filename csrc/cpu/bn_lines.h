@@ -302,12 +302,10 @@ template <typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn) {
   St stage;
   w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    St::for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
-      stage.begin(c0, c1);
+    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
       const auto elem = line_fn(n, j, stage);
 #pragma omp simd
       for (int64_t k = c0; k < c1; ++k) elem(k);
-      stage.end();
     });
   });
 }
@@ -333,8 +331,7 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
   St stage;
   w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
     std::array<acc_t, kLanes> a{}, b{};
-    St::for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
-      stage.begin(c0, c1);
+    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
       const auto elem = line_fn(n, j, stage);
       int64_t k = c0;
       for (; k + kLanes <= c1; k += kLanes) {
@@ -350,7 +347,6 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
         a[v] += ab.first;
         b[v] += ab.second;
       }
-      stage.end();
     });
     sums[j - w.c0] += std::accumulate(a.begin(), a.end(), 0.0);
     sums[w.nc + j - w.c0] += std::accumulate(b.begin(), b.end(), 0.0);
@@ -383,33 +379,33 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
       int64_t n = n0;
       for (; n + kLineGroup <= n1; n += kLineGroup) {
         for (int64_t g = 0; g < channels; ++g) {
-          stage.begin(0, len);
-          const auto e0 = line_fn(n, j0 + g, stage), e1 = line_fn(n + 1, j0 + g, stage),
-                     e2 = line_fn(n + 2, j0 + g, stage), e3 = line_fn(n + 3, j0 + g, stage);
           acc_t* ag = a + g * len;
           acc_t* bg = b + g * len;
+          stage.for_chunks(0, len, [&](int64_t c0, int64_t c1) {
+            const auto e0 = line_fn(n, j0 + g, stage), e1 = line_fn(n + 1, j0 + g, stage),
+                       e2 = line_fn(n + 2, j0 + g, stage), e3 = line_fn(n + 3, j0 + g, stage);
 #pragma omp simd
-          for (int64_t k = 0; k < len; ++k) {
-            const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
-            ag[k] += (p0.first + p1.first) + (p2.first + p3.first);
-            bg[k] += (p0.second + p1.second) + (p2.second + p3.second);
-          }
-          stage.end();
+            for (int64_t k = c0; k < c1; ++k) {
+              const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
+              ag[k] += (p0.first + p1.first) + (p2.first + p3.first);
+              bg[k] += (p0.second + p1.second) + (p2.second + p3.second);
+            }
+          });
         }
       }
       for (; n < n1; ++n) {
         for (int64_t g = 0; g < channels; ++g) {
-          stage.begin(0, len);
-          const auto elem = line_fn(n, j0 + g, stage);
           acc_t* ag = a + g * len;
           acc_t* bg = b + g * len;
+          stage.for_chunks(0, len, [&](int64_t c0, int64_t c1) {
+            const auto elem = line_fn(n, j0 + g, stage);
 #pragma omp simd
-          for (int64_t k = 0; k < len; ++k) {
-            const std::pair<acc_t, acc_t> ab = elem(k);
-            ag[k] += ab.first;
-            bg[k] += ab.second;
-          }
-          stage.end();
+            for (int64_t k = c0; k < c1; ++k) {
+              const std::pair<acc_t, acc_t> ab = elem(k);
+              ag[k] += ab.first;
+              bg[k] += ab.second;
+            }
+          });
         }
       }
       for (int64_t g = 0; g < channels; ++g) {
@@ -435,8 +431,7 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   };
   int64_t lines = 0;
   const auto add_segment = [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    St::for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
-      stage.begin(c0, c1);
+    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
       const auto elem = line_fn(n, j, stage);
 #pragma omp simd
       for (int64_t k = c0; k < c1; ++k) {
@@ -444,7 +439,6 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
         a[k] += ab.first;
         b[k] += ab.second;
       }
-      stage.end();
     });
     if (++lines % kFoldLines == 0) fold();
   };
@@ -454,8 +448,7 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
       return line_fn(n, j, stage);
     };
     const auto add_group = [&](int64_t i) {
-      St::for_chunks(0, w.len, [&](int64_t c0, int64_t c1) {
-        stage.begin(c0, c1);
+      stage.for_chunks(0, w.len, [&](int64_t c0, int64_t c1) {
         const auto e0 = line(i), e1 = line(i + 1), e2 = line(i + 2), e3 = line(i + 3);
 #pragma omp simd
         for (int64_t k = c0; k < c1; ++k) {
@@ -463,7 +456,6 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
           a[k] += (p0.first + p1.first) + (p2.first + p3.first);
           b[k] += (p0.second + p1.second) + (p2.second + p3.second);
         }
-        stage.end();
       });
       if ((lines += kLineGroup) % kFoldLines == 0) fold();
     };

@@ -4,10 +4,10 @@
 // floats_to_halves, F16C where the CPU has it). Element by element, the conversions took most
 // of the float16 kernels' time; the buffers of a chunk stay in L1.
 //
-// A pass's line function takes the stage of its loop and wraps its tensors' lines:
-// stage.in(line) for those it reads, stage.out(line) for those it writes, and writes them
-// with store(). NoStage, for every other element type or stride, returns the lines as they
-// are and runs the loop in one chunk.
+// A loop runs as stage.for_chunks(k0, k1, body): body(c0, c1) builds its element function
+// through the pass's line function, which wraps the tensors' lines: stage.in(line) for those
+// it reads, stage.out(line) for those it writes (written with store()). NoStage, for every
+// other element type or stride, returns the lines as they are and runs the loop in one chunk.
 #pragma once
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -42,11 +42,9 @@ void store(const L& line, int64_t k, A v) {
 // The lines of one loop as they are: no chunks.
 struct NoStage {
   template <typename F>
-  static void for_chunks(int64_t k0, int64_t k1, const F& f) {
+  void for_chunks(int64_t k0, int64_t k1, const F& f) {
     f(k0, k1);
   }
-  void begin(int64_t, int64_t) {}
-  void end() {}
   template <typename L>
   L in(const L& line) const {
     return line;
@@ -57,9 +55,7 @@ struct NoStage {
   }
 };
 
-// float16 lines of unit stride (Line<c10::Half, Unit> of bn_lines.h), a chunk at a time:
-// begin(k0, k1), then in() and out() for each line the loop touches, the loop, then end(),
-// which converts what the loop wrote.
+// float16 lines of unit stride (Line<c10::Half, Unit> of bn_lines.h), a chunk at a time.
 class Stage {
  public:
   // Elements per line in a chunk: a multiple of the lane counts of the sums (bn_lines.h), so
@@ -73,20 +69,16 @@ class Stage {
   Stage(const Stage&) = delete;
   Stage& operator=(const Stage&) = delete;
 
+  // Calls f(c0, c1) for the chunks [c0, c1) of [k0, k1) in order; f wraps its lines with
+  // in() and out(), and what it wrote through out() is converted when it returns.
   template <typename F>
-  static void for_chunks(int64_t k0, int64_t k1, const F& f) {
-    for (int64_t c = k0; c < k1; c += kChunk) f(c, std::min(c + kChunk, k1));
-  }
-
-  void begin(int64_t k0, int64_t k1) {
-    TORCH_INTERNAL_ASSERT(k1 - k0 <= kChunk);
-    k0_ = k0;
-    size_ = k1 - k0;
-    used_ = outputs_ = 0;
-  }
-
-  void end() {
-    for (int i = 0; i < outputs_; ++i) floats_to_halves(pending_[i].values, pending_[i].dst, size_);
+  void for_chunks(int64_t k0, int64_t k1, const F& f) {
+    for (k0_ = k0; k0_ < k1; k0_ += kChunk) {
+      size_ = std::min(kChunk, k1 - k0_);
+      used_ = outputs_ = 0;
+      f(k0_, k0_ + size_);
+      for (int i = 0; i < outputs_; ++i) floats_to_halves(pending_[i].values, pending_[i].dst, size_);
+    }
   }
 
   // A line the loop reads; an absent tensor's (a null line) is never read, and stays null.
