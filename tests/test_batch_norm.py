@@ -308,6 +308,40 @@ def test_cpu_float16_conversions():
     assert " passed" in result.stdout.splitlines()[-1]
 
 
+# channels_last lines of at most 256 channels are walked as runs of a sample's positions
+# (Walk::position_runs), at most 512 values each: 24 channels of 7x7 make runs of 7 positions;
+# 16 channels of 32x32 runs of 32, 416 of them over 13 samples (the sums fold their partials
+# every 256 lines); 3 channels of 11x11 one run per sample. 100 channels of 13x13 (no divisor
+# of 169 fits), a channel slice (positions not end to end) and NCHW operands under a
+# channels_last input (layouts differ) are walked line by line by the passes that read them.
+POSITION_RUNS = {
+    "7x7": ((5, 24, 7, 7), "channels_last", True),
+    "fold": ((13, 16, 32, 32), "channels_last", True),
+    "sample": ((4, 3, 11, 11), "channels_last", True),
+    "no-divisor": ((3, 100, 13, 13), "channels_last", True),
+    "slice": ((5, 24, 7, 7), "slice_cl", False),
+    "mixed": ((5, 24, 7, 7), "channels_last", False),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", POSITION_RUNS)
+def test_cpu_position_runs(case, training, dtype, threads):
+    require("cpu", "cpu", dtype)
+    shape, layout, like_input = POSITION_RUNS[case]
+    x = make_input(shape, dtype, "cpu", layout)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=training,
+                        operands_like_input=like_input)
+        run_and_compare("cpu", "cpu", x, training=training, operands_like_input=like_input)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("layout", ["nchw", "slice", "padded"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])

@@ -41,12 +41,12 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
   using acc_t = at::opmath_type<scalar_t>;
   // In eval mode grad_input = gz * scale: input is not read at all.
   const at::Tensor x_used = training && grad_input.defined() ? input : at::Tensor();
-  const bool flat = for_flat_runs(w, {&grad_output, &x_used, &output, &grad_input, &grad_residual},
-                                  [&](const Walk& lines, const Walk& part) {
-    const std::vector<acc_t> mean = expand_channels(part, coeffs.mean);
-    const GradCoeffs<acc_t> expanded{mean.data(), expand_channels(part, coeffs.mean_gz.data()),
-                                     expand_channels(part, coeffs.proj.data()),
-                                     expand_channels(part, coeffs.scale.data())};
+  const bool flat = for_flat_lines(w, {&grad_output, &x_used, &output, &grad_input, &grad_residual},
+                                   [&](const Walk& lines) {
+    const std::vector<acc_t> mean = expand_channels(lines, coeffs.mean);
+    const GradCoeffs<acc_t> expanded{mean.data(), expand_channels(lines, coeffs.mean_gz.data()),
+                                     expand_channels(lines, coeffs.proj.data()),
+                                     expand_channels(lines, coeffs.scale.data())};
     grad_elementwise<scalar_t>(lines, grad_output, input, output, training, relu, expanded, grad_input,
                                grad_residual);
   });

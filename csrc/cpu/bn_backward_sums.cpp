@@ -17,6 +17,12 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
                               const at::Tensor& grad_residual) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<double> sums;
+  const auto on_runs = [&](const Walk& lines) {
+    sums = grad_sums<scalar_t>(lines, grad_output, input, output, expand_channels(lines, mean).data(), relu,
+                               grad_residual);
+  };
+  const bool runs = w.along_c && for_flat_lines(w, {&grad_output, &input, &output, &grad_residual}, on_runs);
+  if (runs) return sums;
   dispatch_bool(relu, [&](auto do_relu) {
     dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
       dispatch_strides(w, {&grad_output, &input, &output, &grad_residual}, [&](auto ts, auto cs) {

@@ -33,6 +33,10 @@ template <typename scalar_t>
 std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const at::opmath_type<scalar_t>* ref) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<double> sums;
+  const bool runs = w.along_c && for_flat_lines(w, {&input}, [&](const Walk& lines) {
+    sums = shifted_sums<scalar_t>(lines, input, expand_channels(lines, ref).data());
+  });
+  if (runs) return sums;
   dispatch_strides(w, {&input}, [&](auto ts, auto cs) {
     using TS = decltype(ts);
     using CS = decltype(cs);
@@ -74,9 +78,10 @@ template <typename scalar_t>
 void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residual, bool relu,
                const Affine<at::opmath_type<scalar_t>>& affine, const at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool flat = for_flat_runs(w, {&input, &residual, &output}, [&](const Walk& lines, const Walk& part) {
-    const Affine<acc_t> expanded{expand_channels(part, affine.mean.data()), expand_channels(part, affine.scale.data()),
-                                 expand_channels(part, affine.shift.data())};
+  const bool flat = for_flat_lines(w, {&input, &residual, &output}, [&](const Walk& lines) {
+    const Affine<acc_t> expanded{expand_channels(lines, affine.mean.data()),
+                                 expand_channels(lines, affine.scale.data()),
+                                 expand_channels(lines, affine.shift.data())};
     normalize<scalar_t>(lines, input, residual, relu, expanded, output);
   });
   if (flat) return;

@@ -105,6 +105,12 @@ constexpr int64_t kShortRun = 2048;
 constexpr int64_t kFlatLine = 36;
 // Walk::flat_lines needs at least this many samples to repay its expanded per-channel arrays.
 constexpr int64_t kFlatSamples = 4;
+// Lines along C are walked as runs of consecutive positions (Walk::position_runs) of at most
+// this many elements, where the layout allows and a run holds two positions or more: each
+// line's own loop (8 vector steps at C = 64) and, in float16, its own conversions, merged into
+// one. One run is one chunk of the float16 stage.
+constexpr int64_t kPositionRun = 512;
+static_assert(kPositionRun <= Stage::kChunk, "a run of positions is one float16 chunk");
 
 // Lines run along the dim that loads contiguously: L for NCHW, C for
 // channels_last and whenever L == 1; for other strides, the smaller one.
@@ -123,7 +129,11 @@ struct Walk {
   int64_t M;       // values per channel: N * L
   int64_t c0, nc;  // the channels covered
   int64_t j0;      // first line index: c0 along L, 0 along C
-  bool flat = false;  // one line per sample: the covered channels' lines end to end (flat_lines)
+  // Flat lines (flat_lines, position_runs) are contiguous runs of elements in every tensor, each
+  // `positions` positions long; along a flat line, the channel (c0 + k / rep % nc) changes every
+  // `rep` elements, and per-channel arrays are read expanded (expand_channels).
+  bool flat = false;
+  int64_t positions = 1, rep = 1;
 
   explicit Walk(const Strided3d& x)
       : along_c(walk_along_c(x)),
@@ -152,32 +162,59 @@ struct Walk {
 
   int64_t line_stride_of(const Strided3d& v) const { return flat ? 1 : along_c ? v.sC : v.sL; }
 
-  // Along L, for short lines of tensors whose samples hold the covered channels end to end
-  // (each of `tensors` with channel stride L and position stride 1), the elementwise passes
-  // take each sample's lines as one (flat_lines): each line's own loop (a few vector steps
-  // at 3x3) merged into one. Past a few samples the per-channel arrays' expansion
-  // (expand_channels) costs less than the lines' loops.
+  // Short lines are merged into flat lines where every one of `tensors` holds them end to end:
+  // - along L (flat_lines), each sample's lines of the covered channels (channel stride L and
+  //   position stride 1): each line's own loop (a few vector steps at 3x3) merged into one.
+  //   Past a few samples the per-channel arrays' expansion costs less than the lines' loops;
+  // - along C (position_runs), runs of a sample's positions (channel stride 1 and position
+  //   stride C), where a run holds two positions or more.
   bool has_flat_lines(std::initializer_list<const at::Tensor*> tensors) const {
-    if (along_c || flat || len > kFlatLine || N < kFlatSamples) return false;
+    if (flat) return false;
+    if (along_c ? run_positions() < 2 : len > kFlatLine || N < kFlatSamples) return false;
     return std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor* t) {
       if (!t->defined()) return true;
       const Strided3d v = view3d(*t, "tensor");
-      return v.sL == 1 && v.sC == len;
+      return along_c ? v.sC == 1 && v.sL == len : v.sL == 1 && v.sC == len;
     });
   }
 
-  // The same elements as one line per sample, nc * L long, where has_flat_lines. The lines
-  // carry the channel along them, as along C; per-channel arrays are read expanded to one
-  // value per element. For elementwise passes only: nothing sums along a flat line.
+  // Along L, the same elements as one line per sample, nc * L long, where has_flat_lines. The
+  // lines carry the channel along them, as along C. For elementwise passes only: the sums
+  // along L hold a channel per line.
   Walk flat_lines() const {
+    TORCH_INTERNAL_ASSERT(!along_c && !flat);
     Walk lines = *this;
     lines.along_c = lines.flat = true;
     lines.J = 1;
     lines.j0 = 0;
+    lines.positions = lines.rep = len;
     lines.len = nc * len;
     lines.segs = (lines.len + kSegment - 1) / kSegment;
     return lines;
   }
+
+  // Along C, the positions of a line of a run: the most that divides L and fits kPositionRun.
+  int64_t run_positions() const {
+    TORCH_INTERNAL_ASSERT(along_c);
+    int64_t m = std::max<int64_t>(1, std::min(J, kPositionRun / len));
+    while (J % m != 0) --m;
+    return m;
+  }
+
+  // Along C, the same elements as lines of run_positions() positions, where has_flat_lines.
+  Walk position_runs() const {
+    TORCH_INTERNAL_ASSERT(along_c && !flat);
+    Walk lines = *this;
+    lines.flat = true;
+    lines.positions = run_positions();
+    lines.J = J / lines.positions;
+    lines.len = lines.positions * len;
+    lines.segs = 1;
+    return lines;
+  }
+
+  // The channel of element k of a line, relative to c0.
+  int64_t channel_of(int64_t k) const { return k / rep % nc; }
 
   // Calls f(n, j, k_begin, k_end) for the segments [begin, end) in order.
   template <typename F>
@@ -212,7 +249,7 @@ struct Walk {
     if (!t.defined()) return {nullptr, 0, 0, S{}};
     const Strided3d v = view3d(t, "tensor");
     T* data = t.data_ptr<std::remove_const_t<T>>();
-    if (flat) return Lines<T, S>{data + c0 * v.sC, v.sN, 0, line_stride<S>(1)};
+    if (flat) return Lines<T, S>{data + c0 * v.sC, v.sN, positions * v.sL, line_stride<S>(1)};
     return along_c ? Lines<T, S>{data, v.sN, v.sL, line_stride<S>(v.sC)}
                    : Lines<T, S>{data, v.sN, v.sC, line_stride<S>(v.sL)};
   }
@@ -225,29 +262,33 @@ struct Walk {
   }
 };
 
-// A per-channel array as a flat walk (Walk::flat_lines) reads it: the value of channel
-// c0 + i of the along-L walk `w` at elements [i * L, (i + 1) * L).
+// A per-channel array as the flat walk `w` reads it: one value per element of a line.
 template <typename T>
 std::vector<T> expand_channels(const Walk& w, const T* per_channel) {
-  std::vector<T> expanded(w.nc * w.len);
-  for (int64_t i = 0; i < w.nc; ++i) {
-    std::fill_n(expanded.begin() + i * w.len, w.len, per_channel[w.c0 + i]);
+  TORCH_INTERNAL_ASSERT(w.flat);
+  std::vector<T> expanded(w.len);
+  for (int64_t k = 0; k < w.len; k += w.rep) {
+    std::fill_n(expanded.begin() + k, w.rep, per_channel[w.c0 + w.channel_of(k)]);
   }
   return expanded;
 }
 
-// Calls f(flat, part) in parallel for runs of the along-L walk w's channels, about
-// kShortRun elements each: `part` the walk of a run's channels, `flat` its flat walk
-// (Walk::flat_lines). Returns false, having called nothing, where w's lines do not qualify
-// (Walk::has_flat_lines).
+// Where w's lines qualify (Walk::has_flat_lines), calls f(flat) with flat walks that cover
+// w's elements and returns true; else returns false, having called nothing. Along C, f runs
+// once, on w.position_runs(). Along L, f runs in parallel on the flat_lines() of runs of w's
+// channels, about kShortRun elements each, so that a run's expanded arrays stay in L1; for
+// elementwise passes only.
 template <typename F>
-bool for_flat_runs(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
+bool for_flat_lines(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
   if (!w.has_flat_lines(tensors)) return false;
+  if (w.along_c) {
+    f(w.position_runs());
+    return true;
+  }
   const int64_t run = std::max<int64_t>(1, kShortRun / w.len);
   at::parallel_for(0, w.nc, run, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += run) {
-      const Walk part = w.channels(w.c0 + i, w.c0 + std::min(i + run, end));
-      f(part.flat_lines(), part);
+      f(w.channels(w.c0 + i, w.c0 + std::min(i + run, end)).flat_lines());
     }
   });
   return true;
@@ -417,17 +458,22 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
 }
 
 // Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
-// and sums[C + c]. Element k of a line is channel k's (and the walk covers all C).
-// kGroupLines: whole lines kLineGroup at a time (for_line_groups).
+// and sums[C + c]. Element k of a line is channel k's (and the walk covers all C), or on
+// a run of positions channel w.channel_of(k)'s. kGroupLines: whole lines kLineGroup at a
+// time (for_line_groups).
 template <typename acc_t, bool kGroupLines, typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
                                                 double* sums) {
   St stage;
-  std::vector<acc_t> part(2 * w.C, 0);
+  std::vector<acc_t> part(2 * w.len, 0);
   acc_t* a = part.data();
-  acc_t* b = a + w.C;
+  acc_t* b = a + w.len;
   const auto fold = [&] {
-    for (int64_t c = 0; c < 2 * w.C; ++c) sums[c] += std::exchange(part[c], 0);
+    for (int64_t k = 0; k < w.len; ++k) {
+      const int64_t c = w.channel_of(k);
+      sums[c] += std::exchange(a[k], 0);
+      sums[w.C + c] += std::exchange(b[k], 0);
+    }
   };
   int64_t lines = 0;
   const auto add_segment = [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
