@@ -21,6 +21,10 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def _sources(*pattern):
+    return glob.glob(os.path.join(ROOT, *pattern))
+
+
 def _cuda_decision():
     """(build CUDA?, why) -- printed so a user sees what was built."""
     if os.environ.get("FORCE_CUDA", "0") == "1":
@@ -36,7 +40,7 @@ def _cuda_decision():
 
 def _extension():
     with_cuda, why = _cuda_decision()
-    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(_sources("csrc", "*.cpp") + _sources("csrc", "cpu", "*.cpp"))
     # -g0: Python's flags ask for debug info, which costs a third of the compile time of the
     # template-heavy CPU kernels (the longest step of every build) and serves no user.
     # -fno-trapping-math: the kernels never trap on floating-point exceptions; with the default,
@@ -47,11 +51,12 @@ def _extension():
     kind = cpp_extension.CppExtension
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+        sources += _rel(_sources("csrc", "cuda", "*.cu") + _sources("csrc", "cuda", "*.cpp"))
         cxx.append("-DCNNKERN_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
         kind = cpp_extension.CUDAExtension
-        print(f"cnnkern: building CPU + CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        print(f"cnnkern: building CPU + CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST={arch_list})")
     else:
         print(f"cnnkern: building CPU kernels only: {why}")
     return kind(

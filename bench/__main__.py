@@ -21,13 +21,16 @@ FAMILIES = {"batch_norm": batch_norm}
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing runs")
-    p.add_argument("--family", type=comma_list(list(FAMILIES)), default=list(FAMILIES), help=f"comma list of {','.join(FAMILIES)}")
-    p.add_argument("--provider", type=comma_list(batch_norm.PROVIDERS), default=None, help=f"comma list of {','.join(batch_norm.PROVIDERS)}")
+    p.add_argument("--family", type=comma_list(list(FAMILIES)), default=list(FAMILIES),
+                   help=f"comma list of {','.join(FAMILIES)}")
+    p.add_argument("--provider", type=comma_list(batch_norm.PROVIDERS), default=None,
+                   help=f"comma list of {','.join(batch_norm.PROVIDERS)}")
     p.add_argument("--dtype", type=comma_list(list(DTYPES)), default=None,
                    help=f"comma list of {','.join(DTYPES)} (default: bf16,fp32 on a GPU, fp32 on the CPU)")
     p.add_argument("--layout", type=comma_list(["nchw", "channels_last"]), default=["nchw", "channels_last"],
                    help="comma list of nchw,channels_last")
-    p.add_argument("--mode", type=comma_list(list(batch_norm.MODES)), default=None, help=f"comma list of {','.join(batch_norm.MODES)}")
+    p.add_argument("--mode", type=comma_list(list(batch_norm.MODES)), default=None,
+                   help=f"comma list of {','.join(batch_norm.MODES)}")
     p.add_argument("--shape", type=shape_arg, nargs="+", default=None, metavar="N,C,H,W",
                    help="shapes to time instead of the device's defaults (ResNet-50's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -106,8 +106,9 @@ def test_targets_follow_the_issue():
     def result(case, provider, ms, pct=50.0):
         return dict(case=case.label, provider=provider, median_ms=ms, pct_of_copy=pct)
 
-    results = [result(cases[0], "eager", 3.0), result(cases[0], "compile", 1.0), result(cases[0], "cnnkern-cuda", 1.0, 85.0),
-               result(cases[1], "cnnkern-triton", 1.0), result(cases[2], "cnnkern-cuda", 1.0)]
+    results = [result(cases[0], "eager", 3.0), result(cases[0], "compile", 1.0),
+               result(cases[0], "cnnkern-cuda", 1.0, 85.0), result(cases[1], "cnnkern-triton", 1.0),
+               result(cases[2], "cnnkern-cuda", 1.0)]
     summarize(results, torch.device("cuda"), {c.label: c for c in cases})
     fwd, evaluation, fp64 = results[2]["targets"], results[3]["targets"], results[4]["targets"]
     assert {m: (t["want"], t["met"]) for m, t in fwd.items()} == {

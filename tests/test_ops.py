@@ -43,4 +43,5 @@ def test_opcheck(backend, relu):
     for training in (True, False):
         torch.library.opcheck(bwd, (g, x, out if relu else None, w, mean, invstd, training, relu,
                                     [True, True, True, relu]))
-    torch.library.opcheck(bwd, (g, x, out if relu else None, None, mean, invstd, True, relu, [True, False, True, False]))
+    torch.library.opcheck(bwd, (g, x, out if relu else None, None, mean, invstd, True, relu,
+                                [True, False, True, False]))

@@ -120,8 +120,10 @@ def _calls():
         yield f"{label} train+add+relu", partial(bn.bn_forward_train, x, w, w, r, rm, rv, 0.1, 1e-5, True)
         yield f"{label} train", partial(bn.bn_forward_train, x, None, None, None, None, None, 0.1, 1e-5, False)
         yield f"{label} eval+add+relu", partial(bn.bn_forward_eval, x, w, w, r, rm, rv, 1e-5, True)
-        for training, relu, mask in [(True, True, [True, True, True, True]), (True, True, [True, True, True, False]),
-                                     (True, False, [True, True, True, False]), (False, True, [True, False, False, True]),
+        for training, relu, mask in [(True, True, [True, True, True, True]),
+                                     (True, True, [True, True, True, False]),
+                                     (True, False, [True, True, True, False]),
+                                     (False, True, [True, False, False, True]),
                                      (True, True, [False, True, False, False])]:
             yield (f"{label} backward training={training} relu={relu} mask={mask}",
                    partial(bn.bn_backward, x, x, x, w, mean, invstd, training, relu, mask))

@@ -205,7 +205,8 @@ at::Tensor bn_forward_eval_kernel(const at::Tensor& input, const std::optional<a
   const at::Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   const at::Tensor residual = value_or_undefined(residual_opt);
   check_input(input);
-  TORCH_CHECK(running_mean.defined() && running_var.defined(), "running_mean and running_var are required in eval mode");
+  TORCH_CHECK(running_mean.defined() && running_var.defined(),
+              "running_mean and running_var are required in eval mode");
   const at::ScalarType param_dtype = check_params(
       input, {{&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"}, {&running_var, "running_var"}});
   if (residual.defined()) check_like_input(residual, input, "residual");
