@@ -7,7 +7,10 @@
 // for channels_last (the channel is the position on the line). Each tensor is
 // addressed with its own strides, so channel slices, mixed layouts and stride-0
 // gradients need no copy; the common case, where every tensor has unit stride
-// along the lines, gets its own instantiation, whose line loops vectorize.
+// along the lines, gets its own instantiation, whose line loops vectorize. Short
+// lines that lie end to end in every tensor are merged into longer, flat ones
+// (Walk::has_flat_lines): a sample's short NCHW lines, or runs of a sample's
+// channels_last positions.
 //
 // Training forward reads the input twice (statistics, then normalize), the
 // backward reads its inputs twice (reductions, then grad_input; with a ReLU
@@ -121,8 +124,9 @@ inline bool walk_along_c(const Strided3d& x) {
 }
 
 // Lines (n, j) for n < N, each `len` elements long: j = channel and len = L
-// when walking along L, j = spatial index and len = C along C. A walk covers
-// channels [c0, c0 + nc): all of them, or along L a block of them (channels()).
+// when walking along L, j = spatial index and len = C along C (on flat lines, j
+// indexes the flat lines of a sample). A walk covers channels [c0, c0 + nc): all
+// of them, or along L a block of them (channels()).
 struct Walk {
   bool along_c;
   int64_t N, C, J, len, segs;
