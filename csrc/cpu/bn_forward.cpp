@@ -33,10 +33,11 @@ template <typename scalar_t>
 std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const at::opmath_type<scalar_t>* ref) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<double> sums;
-  const bool runs = w.along_c && for_flat_lines(w, {&input}, [&](const Walk& lines) {
+  const auto on_runs = [&](const Walk& lines) {
     sums = shifted_sums<scalar_t>(lines, input, expand_channels(lines, ref).data());
-  });
-  if (runs) return sums;
+  };
+  // Flat lines along C only: along L, each line's sums are one channel's.
+  if (w.along_c && for_flat_lines(w, {&input}, on_runs)) return sums;
   dispatch_strides(w, {&input}, [&](auto ts, auto cs) {
     using TS = decltype(ts);
     using CS = decltype(cs);
