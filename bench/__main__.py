@@ -13,7 +13,7 @@ import torch
 
 from . import batch_norm
 from .cli import DTYPES, comma_list, shape_arg
-from .timing import copy_bandwidth_gbps, device_name, keep_freed_cpu_memory, time_fn
+from .timing import copy_bandwidth_gbps, device_name, keep_freed_cpu_memory, time_fn, time_interleaved
 
 FAMILIES = {"batch_norm": batch_norm}
 
@@ -57,6 +57,17 @@ def _versions():
     except ImportError:
         v["triton"] = None
     return v
+
+
+def _time_case(mod, case, providers, device, quick):
+    """Yields (provider, Timing) for one case. On the CPU the providers run in turn
+    (time_interleaved), so that their ratios come from the same minutes; on a GPU each runs on
+    its own (do_bench flushes L2 before every run), and is yielded as soon as it is timed."""
+    if device.type == "cpu":
+        yield from time_interleaved({p: mod.make_fn(p, case, device) for p in providers}, quick).items()
+        return
+    for p in providers:
+        yield p, time_fn(mod.make_fn(p, case, device), device, quick)
 
 
 def _progress(i, n, label):
@@ -164,12 +175,11 @@ def main(argv=None):
     for family in args.family:
         mod = FAMILIES[family]
         providers = args.provider or list(mod.PROVIDERS)
-        todo = []
+        todo = []  # (case, the providers that run it)
         for case in mod.cases(device, args.quick, dtypes, args.layout, args.mode or list(mod.MODES), args.shape):
-            for p in providers:
-                reason = mod.provider_refuses(p, device, case.dtype)
-                if reason is None:
-                    todo.append((case, p))
+            runs = [p for p in providers if mod.provider_refuses(p, device, case.dtype) is None]
+            if runs:
+                todo.append((case, runs))
         for p in providers:
             for dtype in dtypes:
                 why = mod.provider_refuses(p, device, dtype)
@@ -177,19 +187,19 @@ def main(argv=None):
                     print(f"skipping {p} on {str(dtype)[6:]}: {why}")
         family_results = []
         cases_by_label = {case.label: case for case, _ in todo}
-        for i, (case, p) in enumerate(todo):
-            _progress(i, len(todo), f"{case.label} {p}")
-            t = time_fn(mod.make_fn(p, case, device), device, args.quick)
-            gbps = case.bytes / (t.median_ms * 1e-3) / 1e9
-            copy = ceiling(case)
-            family_results.append(dict(family=family, case=case.label, mode=case.mode, shape=list(case.shape),
-                                       dtype=str(case.dtype)[6:], layout=case.layout, provider=p,
-                                       median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                                       bytes=case.bytes, gbps=gbps, copy_gbps=copy, pct_of_copy=100 * gbps / copy,
-                                       peak_mem_mb=t.peak_mem_mb))
-            results[:] = [r for r in results if r["family"] != family] + mod.summarize(
-                family_results, device, cases_by_label)
-            save()
+        for i, (case, runs) in enumerate(todo):
+            _progress(i, len(todo), case.label)
+            for p, t in _time_case(mod, case, runs, device, args.quick):
+                gbps = case.bytes / (t.median_ms * 1e-3) / 1e9
+                copy = ceiling(case)
+                family_results.append(dict(family=family, case=case.label, mode=case.mode, shape=list(case.shape),
+                                           dtype=str(case.dtype)[6:], layout=case.layout, provider=p,
+                                           median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                                           bytes=case.bytes, gbps=gbps, copy_gbps=copy,
+                                           pct_of_copy=100 * gbps / copy, peak_mem_mb=t.peak_mem_mb))
+                results[:] = [r for r in results if r["family"] != family] + mod.summarize(
+                    family_results, device, cases_by_label)
+                save()
         _progress(len(todo), len(todo), "done")
         sys.stderr.write("\n")
 

@@ -2,7 +2,9 @@
 
 GPU: triton.testing.do_bench, whose runs each start after zeroing a buffer
 larger than L2, so inputs are read from device memory, not from cache.
-CPU: torch.utils.benchmark. Both give the median and the 20th/80th percentiles.
+CPU: the providers of a case in turn, a few single calls each (time_interleaved), so that
+the machine's drift (up to 2x within minutes on the project's 2-core VMs) moves them alike and
+their ratios hold. Both give the median and the 20th/80th percentiles.
 On the CPU, glibc is first told to keep freed memory (`keep_freed_cpu_memory`):
 otherwise whether a fresh 25 MB output reuses pages or faults them all in again
 depends on the allocator's state, which swung eager's fwd+ReLU from 8 ms to 27 ms
@@ -11,8 +13,9 @@ none of the providers.
 """
 import ctypes
 import ctypes.util
+import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -51,6 +54,29 @@ def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timi
     measurement = m.blocked_autorange(min_run_time=0.3 if quick else 1.0)
     times = [t * 1e3 for t in measurement.times]
     return Timing(measurement.median * 1e3, _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], quick: bool, calls_per_turn: int = 5,
+                     min_calls: int = 10) -> Dict[str, Timing]:
+    """CPU: {name: Timing} of each callable, timed in turns of `calls_per_turn` single calls,
+    until every one has run for the run time (0.3 s quick, else 1 s), or the slowest for four
+    times that, with at least `min_calls` calls each. Timed one after another, each in a block
+    of its own, two providers of a case drew ratios that moved by up to 2x between runs."""
+    run_time = 0.3 if quick else 1.0
+    for fn in fns.values():
+        fn()  # warm-up: torch.compile compiles here
+    times = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    while min(len(t) for t in times.values()) < min_calls or (
+            min(spent.values()) < run_time and max(spent.values()) < 4 * run_time):
+        for name, fn in fns.items():
+            for _ in range(calls_per_turn):
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+                times[name].append(elapsed * 1e3)
+                spent[name] += elapsed
+    return {name: Timing(_quantile(t, 0.5), _quantile(t, 0.2), _quantile(t, 0.8)) for name, t in times.items()}
 
 
 def keep_freed_cpu_memory() -> bool:

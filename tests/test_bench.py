@@ -2,6 +2,8 @@
 the parsing of Nsight Compute's CSV by bench/dram.py (run on a GPU only), and the
 host-time table of bench/host.py."""
 import argparse
+import json
+import time
 
 import pytest
 
@@ -140,3 +142,44 @@ def test_ab_times_both_builds(capsys, tmp_path):
     with pytest.raises(SystemExit):
         ab.main(["--base", str(tmp_path)])
     assert "no cnnkern package" in capsys.readouterr().err
+
+
+def test_interleaved_timing_takes_turns():
+    """On the CPU, the providers of a case run in turns of a few calls each until every one has
+    had its run time, or the slowest four times that."""
+    from bench.timing import time_interleaved
+
+    calls = []
+
+    def sleeper(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+        return fn
+
+    timings = time_interleaved({"fast": sleeper("fast", 0.0005), "slow": sleeper("slow", 0.004)}, quick=True,
+                               calls_per_turn=3, min_calls=6)
+    assert calls[:2] == ["fast", "slow"]  # the warm-up calls
+    turns = [calls[i:i + 3] for i in range(2, len(calls), 3)]
+    assert len(turns) >= 4 and turns == [["fast"] * 3, ["slow"] * 3] * (len(turns) // 2)
+    # The slow one's four times 0.3 s end the run, within a turn (each of its calls sleeps 4 ms
+    # or more), long before the fast one could have run for 0.3 s.
+    assert 0.004 * (calls.count("slow") - 1) <= 4 * 0.3 + 3 * 0.004
+    assert timings["slow"].median_ms >= 4.0 and timings["fast"].median_ms >= 0.5
+    assert timings["fast"].p20_ms <= timings["fast"].median_ms <= timings["fast"].p80_ms
+
+
+def test_cpu_run_writes_ratios(tmp_path):
+    """A CPU run of two providers on a tiny shape: a JSON whose cnnkern results carry their
+    speedup against eager."""
+    from bench.__main__ import main
+
+    main(["--quick", "--shape", "2,3,4,4", "--provider", "cnnkern-cpu,eager", "--layout", "nchw", "--mode",
+          "fwd_relu,bwd_add_relu", "--device", "cpu", "--no-plot", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("cpu-quick-*.json")
+    results = json.loads(path.read_text())["results"]
+    assert sorted((r["mode"], r["provider"]) for r in results) == [
+        ("bwd_add_relu", "cnnkern-cpu"), ("bwd_add_relu", "eager"), ("fwd_relu", "cnnkern-cpu"), ("fwd_relu", "eager")]
+    for r in results:
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["speedup_vs_eager"] > 0
