@@ -21,8 +21,7 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
     sums = grad_sums<scalar_t>(lines, grad_output, input, output, expand_channels(lines, mean).data(), relu,
                                grad_residual);
   };
-  // Flat lines along C only: along L, each line's sums are one channel's.
-  if (w.along_c && for_flat_lines(w, {&grad_output, &input, &output, &grad_residual}, on_runs)) return sums;
+  if (for_position_runs(w, {&grad_output, &input, &output, &grad_residual}, on_runs)) return sums;
   dispatch_bool(relu, [&](auto do_relu) {
     dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
       dispatch_strides(w, {&grad_output, &input, &output, &grad_residual}, [&](auto ts, auto cs) {

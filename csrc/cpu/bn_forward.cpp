@@ -36,8 +36,7 @@ std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const a
   const auto on_runs = [&](const Walk& lines) {
     sums = shifted_sums<scalar_t>(lines, input, expand_channels(lines, ref).data());
   };
-  // Flat lines along C only: along L, each line's sums are one channel's.
-  if (w.along_c && for_flat_lines(w, {&input}, on_runs)) return sums;
+  if (for_position_runs(w, {&input}, on_runs)) return sums;
   dispatch_strides(w, {&input}, [&](auto ts, auto cs) {
     using TS = decltype(ts);
     using CS = decltype(cs);

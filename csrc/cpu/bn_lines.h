@@ -277,18 +277,25 @@ std::vector<T> expand_channels(const Walk& w, const T* per_channel) {
   return expanded;
 }
 
+// Along C, where w's lines qualify (Walk::has_flat_lines), calls f(w.position_runs()) and
+// returns true; else returns false, having called nothing. The flat lines of the sums: along
+// L, a line's sums are one channel's.
+template <typename F>
+bool for_position_runs(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
+  if (!w.along_c || !w.has_flat_lines(tensors)) return false;
+  f(w.position_runs());
+  return true;
+}
+
 // Where w's lines qualify (Walk::has_flat_lines), calls f(flat) with flat walks that cover
-// w's elements and returns true; else returns false, having called nothing. Along C, f runs
-// once, on w.position_runs(). Along L, f runs in parallel on the flat_lines() of runs of w's
-// channels, about kShortRun elements each, so that a run's expanded arrays stay in L1; for
-// elementwise passes only.
+// w's elements and returns true; else returns false, having called nothing. Along C, as
+// for_position_runs. Along L, f runs in parallel on the flat_lines() of runs of w's channels,
+// about kShortRun elements each, so that a run's expanded arrays stay in L1; for elementwise
+// passes only.
 template <typename F>
 bool for_flat_lines(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
+  if (w.along_c) return for_position_runs(w, tensors, f);
   if (!w.has_flat_lines(tensors)) return false;
-  if (w.along_c) {
-    f(w.position_runs());
-    return true;
-  }
   const int64_t run = std::max<int64_t>(1, kShortRun / w.len);
   at::parallel_for(0, w.nc, run, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += run) {
