@@ -1,7 +1,7 @@
 """Two builds of cnnkern side by side: each op's time under a base checkout and under this one.
 
     python -m bench.ab --base /path/to/other/checkout [--shape 16,1024,7,7 ...]
-        [--layout nchw,channels_last] [--dtype fp32] [--rounds 3] [--calls 60]
+        [--layout nchw,channels_last] [--dtype fp32] [--op fwd_relu,...] [--rounds 3] [--calls 60]
 
 For a change whose effect is smaller than the machine's drift (the project's CPU machine moves
 by up to 2x within minutes, and a ratio against eager from one `python -m bench` run carries
@@ -21,10 +21,11 @@ from pathlib import Path
 from .cli import DTYPES, comma_list, shape_arg
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ("fwd_relu", "fwd_add_relu", "eval_relu", "bwd_add_relu")
+# bwd_relu: the backward of the fwd_bwd_relu benchmark (no residual), bwd_add_relu: with one.
+OPS = ("fwd_relu", "fwd_add_relu", "eval_relu", "bwd_relu", "bwd_add_relu")
 
 
-def _child(build: Path, cases, dtype_name: str, calls: int) -> dict:
+def _child(build: Path, cases, dtype_name: str, ops_timed, calls: int) -> dict:
     """{case: {op: ms}} for the cnnkern of checkout `build`."""
     import time
 
@@ -73,9 +74,10 @@ def _child(build: Path, cases, dtype_name: str, calls: int) -> dict:
             "fwd_relu": lambda: ops.bn_forward_train(x, w, b, None, rm, rv, 0.1, 1e-5, True),
             "fwd_add_relu": lambda: ops.bn_forward_train(x, w, b, r, rm, rv, 0.1, 1e-5, True),
             "eval_relu": lambda: ops.bn_forward_eval(x, w, b, None, rm, rv, 1e-5, True),
+            "bwd_relu": lambda: ops.bn_backward(g, x, y, w, mean, invstd, True, True, [True, True, True, False]),
             "bwd_add_relu": lambda: ops.bn_backward(g, x, y, w, mean, invstd, True, True, [True] * 4),
         }
-        out[_case_name(shape, layout)] = {op: quantile_ms(fn) for op, fn in calls_of.items()}
+        out[_case_name(shape, layout)] = {op: quantile_ms(calls_of[op]) for op in ops_timed}
     return out
 
 
@@ -94,13 +96,14 @@ def main(argv=None):
     parser.add_argument("--shape", type=shape_arg, nargs="+", default=[(16, 1024, 7, 7)], metavar="N,C,H,W")
     parser.add_argument("--layout", type=comma_list(["nchw", "channels_last"]), default=["nchw"])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--op", type=comma_list(OPS), default=list(OPS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=60)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # a build: time it, print JSON
     args = parser.parse_args(argv)
     cases = [(shape, layout) for shape in args.shape for layout in args.layout]
     if args.child:
-        print(json.dumps(_child(args.child.resolve(), cases, args.dtype, args.calls)))
+        print(json.dumps(_child(args.child.resolve(), cases, args.dtype, args.op, args.calls)))
         return
     if not (args.base / "cnnkern").is_dir():
         parser.error(f"--base {args.base}: no cnnkern package there (expected a checkout of this repository)")
@@ -122,7 +125,7 @@ def main(argv=None):
     print(f"{'case':<26} {'op':<13} {'base ms':>8} {'new ms':>8} {'new/base':>8}")
     for shape, layout in cases:
         case = _case_name(shape, layout)
-        for op in OPS:
+        for op in args.op:
             base, new = best[case, op, "base"], best[case, op, "new"]
             print(f"{case:<26} {op:<13} {base:>8.3f} {new:>8.3f} {new / base:>8.2f}")
 

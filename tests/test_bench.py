@@ -130,15 +130,18 @@ def test_targets_follow_the_issue():
 
 def test_ab_times_both_builds(capsys, tmp_path):
     """bench.ab against this same checkout as its base: every case and op gets a row with both
-    builds' times; a base with no cnnkern package is refused by name."""
+    builds' times (--op picks ops, in its order); a base with no cnnkern package is refused by name."""
     root = str(ab.ROOT)
     ab.main(["--base", root, "--shape", "4,3,2,2", "--layout", "nchw,channels_last", "--rounds", "1", "--calls", "3"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[2]) for r in rows] == [(case, op) for case in ("4x3x2x2", "4x3x2x2") for op in ab.OPS]
-    assert [r[1] for r in rows] == ["nchw"] * 4 + ["channels_last"] * 4
+    assert [r[1] for r in rows] == ["nchw"] * len(ab.OPS) + ["channels_last"] * len(ab.OPS)
     for r in rows:
         base, new, ratio = map(float, r[3:])
         assert base > 0 and new > 0 and ratio == pytest.approx(new / base, rel=0.2)  # of 3-decimal times
+    ab.main(["--base", root, "--shape", "4,3,2,2", "--op", "bwd_relu,eval_relu", "--rounds", "1", "--calls", "3"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[2] for r in rows] == ["bwd_relu", "eval_relu"]
     with pytest.raises(SystemExit):
         ab.main(["--base", str(tmp_path)])
     assert "no cnnkern package" in capsys.readouterr().err
