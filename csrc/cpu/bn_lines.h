@@ -470,7 +470,7 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
 
 // Adds the sums of the pairs of segments [begin, end) of C lines to sums[c]
 // and sums[C + c]. Element k of a line is channel k's (and the walk covers all C), or on
-// a run of positions channel w.channel_of(k)'s. kGroupLines: whole lines kLineGroup at a
+// a run of positions channel k % C's. kGroupLines: whole lines kLineGroup at a
 // time (for_line_groups).
 template <typename acc_t, bool kGroupLines, typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn,
@@ -479,11 +479,15 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   std::vector<acc_t> part(2 * w.len, 0);
   acc_t* a = part.data();
   acc_t* b = a + w.len;
+  // Along C, a line is whole runs of the C channels (a run of positions, or one position): the
+  // partials fold position by position, without a division per element (channel_of).
+  TORCH_INTERNAL_ASSERT(w.along_c && w.rep == 1 && w.nc == w.C && w.len % w.C == 0);
   const auto fold = [&] {
-    for (int64_t k = 0; k < w.len; ++k) {
-      const int64_t c = w.channel_of(k);
-      sums[c] += std::exchange(a[k], 0);
-      sums[w.C + c] += std::exchange(b[k], 0);
+    for (int64_t k0 = 0; k0 < w.len; k0 += w.C) {
+      for (int64_t c = 0; c < w.C; ++c) {
+        sums[c] += std::exchange(a[k0 + c], 0);
+        sums[w.C + c] += std::exchange(b[k0 + c], 0);
+      }
     }
   };
   int64_t lines = 0;
