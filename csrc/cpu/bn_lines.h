@@ -86,9 +86,15 @@ constexpr int64_t kSegment = 4096;
 // The forward's statistics along C take whole lines this many at a time
 // (Walk::for_line_groups): the per-channel partials are then loaded and stored once
 // per group. One line at a time, each partial's store-to-load chain from line to
-// line paced the loop. Passes over several tensors stay one line at a time: grouped,
-// their 4 x (3 to 5) streams made them slower (elementwise, bwd_add_relu 16x64x28x28
-// 0.28 -> 0.40 ms; the backward's sums with grad_residual, 32x64x56x56, 3.0 -> 4.1 ms).
+// line paced the loop. A group's lines lie a quarter of the thread's lines apart, four
+// long streams: adjacent lines (2 KB apart at 64 channels) came from DRAM at about half a
+// column sum's rate. With them the training forward at 32x64x56x56 channels_last took
+// 1.23-1.35x as long in float32, bfloat16 1.12x (1.35x at 32x128x56x56), 1.05-1.18x in the
+// caches; float16, whose stage reads a line's chunk at a time, ran level (bench/NOTES.md).
+// Passes over several tensors stay one line at a time:
+// grouped, their 4 x (3 to 5) streams made them slower (elementwise, bwd_add_relu
+// 16x64x28x28 0.28 -> 0.40 ms; the backward's sums with grad_residual, 32x64x56x56, 3.0 ->
+// 4.1 ms; its sums without, in groups 1.17x and in spread groups 1.06x).
 constexpr int64_t kLineGroup = 4;
 
 // Lines along L of at most this many elements (8x8 and smaller) are summed by
@@ -234,12 +240,16 @@ struct Walk {
     }
   }
 
-  // Calls group(i) for runs of kLineGroup whole lines, segments i.. (when every line is one
-  // segment, line_of(i) names segment i's line), then f(n, j, k0, k1) for the segments left.
+  // Calls group(i, stride) for groups of kLineGroup whole lines, segments i + g * stride for
+  // g < kLineGroup (when every line is one segment, line_of(i) names segment i's line): the
+  // segments [begin, end) cut into kLineGroup equal runs, walked side by side. Then
+  // f(n, j, k0, k1) for the segments left.
   template <typename G, typename F>
   void for_line_groups(int64_t begin, int64_t end, const G& group, const F& f) const {
     if (segs == 1) {
-      for (; begin + kLineGroup <= end; begin += kLineGroup) group(begin);
+      const int64_t stride = (end - begin) / kLineGroup;
+      for (int64_t i = begin; i < begin + stride; ++i) group(i, stride);
+      begin += kLineGroup * stride;
     }
     for_segments(begin, end, f);
   }
@@ -508,9 +518,9 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
       const auto [n, j] = w.line_of(i);
       return line_fn(n, j, stage);
     };
-    const auto add_group = [&](int64_t i) {
+    const auto add_group = [&](int64_t i, int64_t stride) {
       stage.for_chunks(0, w.len, [&](int64_t c0, int64_t c1) {
-        const auto e0 = line(i), e1 = line(i + 1), e2 = line(i + 2), e3 = line(i + 3);
+        const auto e0 = line(i), e1 = line(i + stride), e2 = line(i + 2 * stride), e3 = line(i + 3 * stride);
 #pragma omp simd
         for (int64_t k = c0; k < c1; ++k) {
           const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
