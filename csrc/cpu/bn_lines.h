@@ -87,14 +87,14 @@ constexpr int64_t kSegment = 4096;
 // (Walk::for_line_groups): the per-channel partials are then loaded and stored once
 // per group. One line at a time, each partial's store-to-load chain from line to
 // line paced the loop. A group's lines lie a quarter of the thread's lines apart, four
-// long streams: adjacent lines (2 KB apart at 64 channels) came from DRAM at about half a
-// column sum's rate. With them the training forward at 32x64x56x56 channels_last took
+// long streams: adjacent lines (2 KB apart at 64 channels) came from DRAM at about half the
+// rate of a plain sum. With them the training forward at 32x64x56x56 channels_last took
 // 1.23-1.35x as long in float32, bfloat16 1.12x (1.35x at 32x128x56x56), 1.05-1.18x in the
 // caches; float16, whose stage reads a line's chunk at a time, ran level (bench/NOTES.md).
-// Passes over several tensors stay one line at a time:
-// grouped, their 4 x (3 to 5) streams made them slower (elementwise, bwd_add_relu
-// 16x64x28x28 0.28 -> 0.40 ms; the backward's sums with grad_residual, 32x64x56x56, 3.0 ->
-// 4.1 ms; its sums without, in groups 1.17x and in spread groups 1.06x).
+// Passes over several tensors stay one line at a time: grouped, their 4 x (3 to 5) streams
+// made them slower (elementwise, bwd_add_relu 16x64x28x28 0.28 -> 0.40 ms; the backward's
+// sums with grad_residual, 32x64x56x56, 3.0 -> 4.1 ms; its sums without, in groups of
+// adjacent lines 1.17x, of spread ones 1.06x).
 constexpr int64_t kLineGroup = 4;
 
 // Lines along L of at most this many elements (8x8 and smaller) are summed by
