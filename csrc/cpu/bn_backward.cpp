@@ -71,7 +71,7 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
             const auto MeanGz = w.per_channel<CS>(coeffs.mean_gz.data());
             const auto Proj = w.per_channel<CS>(coeffs.proj.data());
             const auto Scale = w.per_channel<CS>(coeffs.scale.data());
-            for_each_element<StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j, auto& stage) {
+            for_each_element<StageFor<scalar_t, TS, kBackwardChunk>>(w, [&](int64_t n, int64_t j, auto& stage) {
               return [g = stage.in(G.line(n, j)), x = stage.in(X.line(n, j)), y = stage.in(Y.line(n, j)),
                       dx = stage.out(DX.line(n, j)), dr = stage.out(DR.line(n, j)), mean = Mean.line(n, j),
                       mean_gz = MeanGz.line(n, j), proj = Proj.line(n, j), scale = Scale.line(n, j)](int64_t k) {

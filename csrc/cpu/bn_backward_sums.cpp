@@ -43,7 +43,7 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
             return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
           };
         };
-        sums = channel_sums<acc_t, CS, /*kGroupLines=*/false, StageFor<scalar_t, TS>>(w, line_fn);
+        sums = channel_sums<acc_t, CS, /*kGroupLines=*/false, StageFor<scalar_t, TS, kBackwardChunk>>(w, line_fn);
       });
     });
   });

@@ -59,9 +59,10 @@ S line_stride(int64_t s) {
 }
 
 // The stage of the line loops of a pass over scalar_t tensors whose line strides are TS
-// (csrc/cpu/stage.h): float16 lines of unit stride are converted a chunk at a time.
-template <typename scalar_t, typename TS>
-using StageFor = std::conditional_t<std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>, Stage, NoStage>;
+// (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time.
+template <typename scalar_t, typename TS, int64_t kChunk = kForwardChunk>
+using StageFor =
+    std::conditional_t<std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>, Stage<kChunk>, NoStage>;
 
 // One line of a tensor: element k is p[k * stride].
 template <typename T, typename S>
@@ -117,9 +118,9 @@ constexpr int64_t kFlatSamples = 4;
 // Lines along C are walked as runs of consecutive positions (Walk::position_runs) of at most
 // this many elements, where the layout allows and a run holds two positions or more: each
 // line's own loop (8 vector steps at C = 64) and, in float16, its own conversions, merged into
-// one. One run is one chunk of the float16 stage.
+// one. One run is one chunk of the forwards' float16 stage (two of the backward's).
 constexpr int64_t kPositionRun = 512;
-static_assert(kPositionRun <= Stage::kChunk, "a run of positions is one float16 chunk");
+static_assert(kPositionRun <= kForwardChunk, "a run of positions is one chunk of the forwards' float16 stage");
 
 // Lines run along the dim that loads contiguously: L for NCHW, C for
 // channels_last and whenever L == 1; for other strides, the smaller one.
@@ -383,7 +384,8 @@ void for_each_element(const Walk& w, const LineFn& line_fn) {
 // vector registers, so that the adds pipeline instead of each waiting on the last.
 constexpr int64_t kLanes = 16;
 
-static_assert(Stage::kChunk % kLanes == 0, "a chunk leaves the lanes as a whole line would");
+static_assert(kForwardChunk % kLanes == 0 && kBackwardChunk % kLanes == 0,
+              "a chunk leaves the lanes as a whole line would");
 
 // Adds the sums of the pairs of segments [begin, end) of L lines to sums[j - c0]
 // and sums[nc + j - c0]. The elements of a line are all channel j's.
@@ -427,7 +429,7 @@ static_assert(kFoldLines % kLineGroup == 0, "a fold falls between groups");
 template <typename acc_t, typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin, int64_t end,
                                                    const LineFn& line_fn, double* sums) {
-  static_assert(kShortLine <= Stage::kChunk, "a short line is one chunk");
+  static_assert(kShortLine <= kBackwardChunk && kShortLine <= kForwardChunk, "a short line is one chunk");
   St stage;
   const int64_t len = w.len, group = std::max<int64_t>(1, kShortRun / len);
   std::vector<acc_t> part(2 * group * len);
