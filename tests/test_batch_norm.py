@@ -255,11 +255,12 @@ def test_cpu_float16_rounding(relu):
     assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
 
 
-# float16 tensors of unit line stride are converted a chunk of 512 values at a time
-# (csrc/cpu/stage.h): lines longer than a chunk with some left over, along L (4900 values, two
-# segments) and along C (1100 channels); short lines, summed 4 samples at a time (9 = 4 + 4 +
-# 1) and walked flat; grad_output and the residual in the input's layout, so that every
-# tensor is staged, or NCHW under a channels_last input, so that none is.
+# float16 tensors of unit line stride are converted a chunk at a time, 512 values in the
+# forwards and 256 in the backward (csrc/cpu/stage.h): lines longer than either chunk with some
+# left over, along L (4900 values, two segments) and along C (1100 channels); short lines,
+# summed 4 samples at a time (9 = 4 + 4 + 1) and walked flat; grad_output and the residual in
+# the input's layout, so that every tensor is staged, or NCHW under a channels_last input, so
+# that none is.
 FLOAT16_STAGED = {
     "nchw-long": ((2, 3, 70, 70), "nchw", True),
     "cl-long": ((3, 1100, 2, 3), "channels_last", True),

@@ -58,9 +58,10 @@ struct NoStage {
 // Elements per line in a chunk: a multiple of the lane counts of the sums (bn_lines.h), so
 // that chunks leave their lanes as one pass over the line would.
 // - The forwards take 512, which beat 1024 by up to 1.3x (bench.ab, float16, 2-core AMD EPYC,
-//   32 KB L1d: 16 slots of 1024 floats overflow L1) and 256 by 0-14%.
+//   32 KB L1d: 16 slots of 1024 floats overflow L1); with 256 they took 0.91-1.14x the time,
+//   slower on most shapes.
 // - The backward's passes, which stage 4 or 5 tensors a chunk, take 256: against 512, 0.78-0.87x
-//   the time at 32x64x56x56 (both layouts) and 16x256x28x28 channels_last, 0.95-1.11x on
+//   the time at 32x64x56x56 (both layouts) and 16x256x28x28 channels_last, 0.94-1.11x on
 //   shapes that fit the caches (alternating calls in one process; bench/NOTES.md).
 constexpr int64_t kForwardChunk = 512;
 constexpr int64_t kBackwardChunk = 256;
