@@ -46,7 +46,11 @@ def _extension():
     # -fno-trapping-math: the kernels never trap on floating-point exceptions; with the default,
     # GCC vectorizes no loop that selects between floats before more arithmetic (the ReLU
     # before the float16 store's rounding: csrc/cpu/element_cast.h). It changes no result.
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-DPy_LIMITED_API=0x03090000"]
+    # -ffp-contract=off: no multiply-add becomes an FMA where -march or a clone offers one, so
+    # every build and clone rounds alike, and the backward's recomputed ReLU mask is the sign
+    # of the forward's output bit for bit (csrc/cpu/bn_lines.h, `normalized`).
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off",
+           "-DPy_LIMITED_API=0x03090000"]
     extra = {"cxx": cxx}
     kind = cpp_extension.CppExtension
     if with_cuda:

@@ -9,7 +9,8 @@ that): the registered ops (cnnkern::bn_forward_train, bn_forward_eval, bn_backwa
 child processes that alternate between the two builds, `rounds` times each. Per op, a child
 takes the 10th percentile of `calls` single calls (a quantile below the median drops the
 calls a neighbour slowed), and the table shows the best round of each build. The base must
-be a checkout with its extension built in place (`python setup.py build_ext --inplace`).
+be a checkout with its extension built in place (`python setup.py build_ext --inplace`), and
+its ops must take the arguments this checkout passes (the schemas of csrc/ops.cpp).
 """
 import argparse
 import importlib.util
@@ -74,8 +75,9 @@ def _child(build: Path, cases, dtype_name: str, ops_timed, calls: int) -> dict:
             "fwd_relu": lambda: ops.bn_forward_train(x, w, b, None, rm, rv, 0.1, 1e-5, True),
             "fwd_add_relu": lambda: ops.bn_forward_train(x, w, b, r, rm, rv, 0.1, 1e-5, True),
             "eval_relu": lambda: ops.bn_forward_eval(x, w, b, None, rm, rv, 1e-5, True),
-            "bwd_relu": lambda: ops.bn_backward(g, x, y, w, mean, invstd, True, True, [True, True, True, False]),
-            "bwd_add_relu": lambda: ops.bn_backward(g, x, y, w, mean, invstd, True, True, [True] * 4),
+            # output None: the mask recomputed from x, as autograd asks after a forward without residual
+            "bwd_relu": lambda: ops.bn_backward(g, x, None, w, b, mean, invstd, True, True, [True, True, True, False]),
+            "bwd_add_relu": lambda: ops.bn_backward(g, x, y, w, b, mean, invstd, True, True, [True] * 4),
         }
         out[_case_name(shape, layout)] = {op: quantile_ms(calls_of[op]) for op in ops_timed}
     return out

@@ -31,7 +31,9 @@ MODES = {
     "fwd_relu": dict(training=True, residual=False, fwd=True, bwd=False, units=2),
     "bwd_add_relu": dict(training=True, residual=True, fwd=False, bwd=True, units=5),
     "fwd_add_relu": dict(training=True, residual=True, fwd=True, bwd=False, units=3),
-    "fwd_bwd_relu": dict(training=True, residual=False, fwd=True, bwd=True, units=6),
+    # x, y forward; dy, x, dx backward, whose ReLU mask can come from x (the output is not
+    # needed: csrc/ops.cpp, bn_backward). A backend that reads the output moves 6.
+    "fwd_bwd_relu": dict(training=True, residual=False, fwd=True, bwd=True, units=5),
     "eval_relu": dict(training=False, residual=False, fwd=True, bwd=False, units=2),
 }
 # cnnkern-cuda-two-pass: the cuda backend with its one-pass kernels switched off

@@ -82,7 +82,7 @@ def _calls(shape, dtype, backends=BACKENDS, layouts=LAYOUTS):
             yield (f"{backend} {layout} fwd_relu", MODES["fwd_relu"]["units"] * unit,
                    partial(forward, x, w, b, None, rm, rv, 0.1, 1e-5, True))
             yield (f"{backend} {layout} bwd_add_relu", MODES["bwd_add_relu"]["units"] * unit,
-                   partial(backward, g, x, y, w, mean, invstd, True, True, [True, True, True, True]))
+                   partial(backward, g, x, y, w, b, mean, invstd, True, True, [True, True, True, True]))
 
 
 def kernels_per_call(shape, dtype, backends=BACKENDS, layouts=LAYOUTS):

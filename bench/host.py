@@ -100,9 +100,9 @@ def layers(backend: str, shape, dtype, device) -> Dict[str, Callable[[], object]
             from cnnkern.triton import batch_norm as kernels
 
             out["wrapper forward"] = lambda: kernels.bn_forward_train(x, w, b, None, rm, rv, 0.1, 1e-5, True)
-            out["wrapper backward"] = lambda: kernels.bn_backward(g, x, y, w, mean, invstd, True, True, mask)
+            out["wrapper backward"] = lambda: kernels.bn_backward(g, x, y, w, b, mean, invstd, True, True, mask)
         out["op forward"] = lambda: op_forward(x, w, b, None, rm, rv, 0.1, 1e-5, True)
-        out["op backward"] = lambda: op_backward(g, x, y, w, mean, invstd, True, True, mask)
+        out["op backward"] = lambda: op_backward(g, x, y, w, b, mean, invstd, True, True, mask)
     with torch.no_grad():
         forward(x, w, b)  # an error here names the backend, before any timing
     out["functional, no grad"] = lambda: forward(x, w, b)

@@ -29,7 +29,7 @@ using BnForwardEvalSignature = at::Tensor(const at::Tensor& input, const std::op
 
 using BnBackwardSignature = std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor>(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd, bool training,
-    bool relu, std::array<bool, 4> output_mask);
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& invstd, bool training, bool relu, std::array<bool, 4> output_mask);
 
 }  // namespace cnnkern

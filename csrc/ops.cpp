@@ -38,12 +38,18 @@ TORCH_LIBRARY(cnnkern, m) {
         "Tensor running_mean, Tensor running_var, float eps, bool relu) -> Tensor");
     // Backward of either forward. `mean`/`invstd` are the statistics the forward
     // normalized with (batch ones when training, running ones in eval), in the
-    // statistics dtype. With relu, the mask is recomputed from `output` (> 0);
-    // without, `output` is not needed (pass None: it may since have been overwritten).
+    // statistics dtype. With relu, the mask is where the forward's output is > 0:
+    // read from `output`, or, with `output` None, recomputed from `input` with mean,
+    // invstd, weight and bias as the forward computed it. The recomputed mask holds for
+    // a forward without a residual, given the very mean and invstd it normalized with
+    // (save_mean, save_invstd). Without relu, `output` is not read (it may since have
+    // been overwritten); `bias` serves the recomputed mask only.
     // output_mask: [grad_input, grad_weight, grad_bias, grad_residual]; with relu
     // false grad_residual is grad_output itself, so it is never asked for then.
+    // grad_weight and grad_bias take the parameters' dtype (the statistics dtype
+    // without weight and bias).
     def("bn_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, "
-        "Tensor mean, Tensor invstd, bool training, bool relu, bool[4] output_mask) "
+        "Tensor? bias, Tensor mean, Tensor invstd, bool training, bool relu, bool[4] output_mask) "
         "-> (Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias, Tensor? grad_residual)");
   }
 }

@@ -275,7 +275,7 @@ def test_full_size_plans(cuda_emulator, shape, dtype, nchw, channels_last):
                 cuda_emulator.launched_grids()
                 y, mean, invstd = torch.ops.cnnkern.bn_forward_train(x, w, None, None, None, None, 0.1, 1e-5, True)
                 forward = cuda_emulator.launched_grids()
-                torch.ops.cnnkern.bn_backward(torch.empty_like(x), x, y, w, mean, invstd, True, True,
+                torch.ops.cnnkern.bn_backward(torch.empty_like(x), x, y, w, None, mean, invstd, True, True,
                                               [True, True, True, True])
                 backward = cuda_emulator.launched_grids()
             finally:

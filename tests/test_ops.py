@@ -41,7 +41,7 @@ def test_opcheck(backend, relu):
     out, mean, invstd = fwd_train(x, w, b, r, None, None, 0.1, 1e-5, relu)
     g = torch.randn_like(x)
     for training in (True, False):
-        torch.library.opcheck(bwd, (g, x, out if relu else None, w, mean, invstd, training, relu,
+        torch.library.opcheck(bwd, (g, x, out if relu else None, w, b, mean, invstd, training, relu,
                                     [True, True, True, relu]))
-    torch.library.opcheck(bwd, (g, x, out if relu else None, None, mean, invstd, True, relu,
+    torch.library.opcheck(bwd, (g, x, out if relu else None, None, None, mean, invstd, True, relu,
                                 [True, False, True, False]))

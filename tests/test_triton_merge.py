@@ -112,11 +112,11 @@ def test_merge_launch_backward_subsets(launched, monkeypatch, output_mask, relu)
     dy, y = torch.empty_like(x).normal_(), torch.empty_like(x).normal_()
     w, mean, invstd = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64), \
         torch.rand(C, dtype=torch.float64) + 0.5
-    merged = bn.bn_backward(dy, x, y, w, mean, invstd, True, relu, output_mask)
+    merged = bn.bn_backward(dy, x, y, w, None, mean, invstd, True, relu, output_mask)
     assert bn._bn_merge_partials_kernel in launched[0]  # every subset here needs the sums
     monkeypatch.setattr(bn, "_MERGE_LAUNCH", False)
     monkeypatch.setattr(bn, "_PLANS", launch.PlanCache(bn._PROGRAMS_PER_SM))  # plans made without
-    own = bn.bn_backward(dy, x, y, w, mean, invstd, True, relu, output_mask)
+    own = bn.bn_backward(dy, x, y, w, None, mean, invstd, True, relu, output_mask)
     assert bn._bn_merge_partials_kernel not in launched[1]
     for a, b in zip(merged, own):
         assert (a is None) == (b is None)

@@ -172,7 +172,7 @@ def test_gpu_grids_take_one_wave(monkeypatch, layout):
     x = torch.randn(16, 256, 28, 28, device="cuda", dtype=torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
     w, mean = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
-    batch_norm.bn_backward(x, x, x, w, mean, w, True, True, [True, True, True, True])
+    batch_norm.bn_backward(x, x, x, w, None, mean, w, True, True, [True, True, True, True])
     ((plan, _),) = batch_norm._PLANS.plans.values()
     assert resident, "the plan did not read the compiled kernels' occupancy"
     channel_blocks, splits = plan.grid

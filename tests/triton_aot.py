@@ -126,7 +126,7 @@ def _calls():
                                      (False, True, [True, False, False, True]),
                                      (True, True, [False, True, False, False])]:
             yield (f"{label} backward training={training} relu={relu} mask={mask}",
-                   partial(bn.bn_backward, x, x, x, w, mean, invstd, training, relu, mask))
+                   partial(bn.bn_backward, x, x, x, w, None, mean, invstd, training, relu, mask))
 
 
 def main():
@@ -209,7 +209,7 @@ def host_times(direct_launch) -> None:
         w, mean = torch.empty(shape[1]), torch.empty(shape[1])
         label = f"{'x'.join(map(str, shape))} {str(dtype)[6:]}{' CL' if fmt == torch.channels_last else ''}"
         calls[f"{label} forward"] = partial(bn.bn_forward_train, x, w, w, None, w, w, 0.1, 1e-5, True)
-        calls[f"{label} backward"] = partial(bn.bn_backward, x, x, x, w, mean, mean, True, True,
+        calls[f"{label} backward"] = partial(bn.bn_backward, x, x, x, w, None, mean, mean, True, True,
                                              [True, True, True, False])
     print("host us per call, launches stopped at the driver")
     for path, launch in (("direct", direct_launch), ("JIT", lambda launches, compiled: direct_launch(launches, None))):

@@ -19,6 +19,11 @@ from ..reference import stat_dtype
 # Ops per backend: the C++ ops serve "cpu" and "cuda", the triton_ ones "triton".
 _PREFIX = {"cpu": "", "cuda": "", "triton": "triton_"}
 
+# Whether a backend's bn_backward recomputes the ReLU mask from the input (output None),
+# as its forward computed the output. Triton's forward normalizes around a pivot its
+# backward does not have (cnnkern/triton/batch_norm.py), so it reads the output.
+RECOMPUTES_RELU_MASK = {"cpu": True, "cuda": False, "triton": False}
+
 
 def _op(backend: str, name: str):
     return getattr(torch.ops.cnnkern, _PREFIX[backend] + name)
@@ -33,8 +38,9 @@ def _fake_forward_eval(input, weight, bias, residual, running_mean, running_var,
     return torch.empty_like(input)
 
 
-def _fake_backward(grad_output, input, output, weight, mean, invstd, training, relu, output_mask):
-    param_dtype = weight.dtype if weight is not None else mean.dtype
+def _fake_backward(grad_output, input, output, weight, bias, mean, invstd, training, relu, output_mask):
+    param = weight if weight is not None else bias
+    param_dtype = param.dtype if param is not None else mean.dtype
     return (
         torch.empty_like(input) if output_mask[0] else None,
         mean.new_empty(mean.shape, dtype=param_dtype) if output_mask[1] else None,
@@ -89,15 +95,17 @@ class BatchNormFunction(torch.autograd.Function):
             mean = running_mean.to(acc, copy=True)
             invstd = torch.rsqrt(running_var.to(acc) + eps)
         ctx.backend, ctx.training, ctx.relu = backend, training, relu
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        # The output is needed only for the ReLU mask; saving it otherwise would
-        # forbid in-place ops on it (torchvision's `out += identity`).
-        ctx.save_for_backward(input, output if relu else None, weight, mean, invstd)
+        # The output serves only the ReLU mask. Where the backward can recompute the mask
+        # from the input instead (no residual; the batch statistics, which it gets as the
+        # forward saved them) it is not kept: the backward reads a tensor fewer, and the
+        # output is free for in-place ops (torchvision's `out += identity`) and the allocator.
+        keeps_output = relu and not (training and residual is None and RECOMPUTES_RELU_MASK[backend])
+        ctx.save_for_backward(input, output if keeps_output else None, weight, bias, mean, invstd)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        input, output, weight, mean, invstd = ctx.saved_tensors
+        input, output, weight, bias, mean, invstd = ctx.saved_tensors
         _, need_input, need_weight, need_bias, need_residual = ctx.needs_input_grad[:5]
         mask: List[bool] = [need_input, need_weight, need_bias, need_residual and ctx.relu]
         grads = [None, None, None, None]
@@ -105,10 +113,8 @@ class BatchNormFunction(torch.autograd.Function):
             grad_output = grad_output.contiguous()  # a layout no kernel can address (see functional)
         if any(mask):
             grads = list(_op(ctx.backend, "bn_backward")(
-                grad_output, input, output, weight, mean, invstd, ctx.training, ctx.relu, mask))
+                grad_output, input, output, weight, bias, mean, invstd, ctx.training, ctx.relu, mask))
         grad_input, grad_weight, grad_bias, grad_residual = grads
-        if grad_bias is not None and grad_bias.dtype != ctx.bias_dtype:
-            grad_bias = grad_bias.to(ctx.bias_dtype)  # only when bias is given without weight
         if need_residual and not ctx.relu:
             grad_residual = grad_output  # d(x + r)/dr = 1: no kernel, no copy
         return None, grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None

@@ -763,13 +763,20 @@ def bn_forward_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
 
 def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], weight: Optional[Tensor],
-                mean: Tensor, invstd: Tensor, training: bool, relu: bool, output_mask: List[bool]
-                ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                bias: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool, relu: bool,
+                output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """cnnkern::bn_backward: (grad_input, grad_weight, grad_bias, grad_residual), None where
-    output_mask is False. `output` is read (for the ReLU mask) only when relu."""
+    output_mask is False. `output` is read (for the ReLU mask) only when relu, and is then
+    required: the forward normalizes around a pivot (each channel's first value, with the
+    mean's offset from it unrounded) that the backward, given the rounded mean, cannot
+    reproduce to the bit, so it does not recompute the mask (`bias` goes unread)."""
+    if relu and output is None:
+        raise ValueError("triton's bn_backward reads the ReLU mask from output and cannot recompute it "
+                         "(its forward normalizes around a pivot the backward does not have): pass output")
     need_dx, need_dw, need_db, need_dr = output_mask
     C = input.shape[1]
-    grad_dtype = weight.dtype if weight is not None else mean.dtype
+    param = weight if weight is not None else bias
+    grad_dtype = param.dtype if param is not None else mean.dtype
     grad_input = torch.empty_like(input) if need_dx else None
     grad_residual = torch.empty_like(input) if need_dr else None
     grad_weight = mean.new_empty(C, dtype=grad_dtype) if need_dw else None

@@ -24,34 +24,34 @@ using namespace cpu;  // NOLINT: the line walks and passes of bn_lines.h
 
 // ---- backward -----------------------------------------------------------------
 
-// Per-channel coefficients of grad_input = (gz - mean_gz - (x - mean) * proj) * scale;
+// Per-channel coefficients of grad_input = (gz - mean_gz - (x - mean) * proj) * scale, with
+// the forward's affine (scale = w * invstd; its shift serves a recomputed mask only);
 // mean_gz and proj are 0 in eval mode, where the statistics are constants.
 template <typename acc_t>
 struct GradCoeffs {
-  const acc_t* mean;
-  std::vector<acc_t> mean_gz, proj, scale;
+  Affine<acc_t> affine;
+  std::vector<acc_t> mean_gz, proj;
 };
 
 // The elementwise pass of the backward: grad_input and/or grad_residual (= gz).
 template <typename scalar_t>
 void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
-                      const at::Tensor& output, bool training, bool relu,
+                      const at::Tensor& output, bool training, Mask mask,
                       const GradCoeffs<at::opmath_type<scalar_t>>& coeffs, const at::Tensor& grad_input,
                       const at::Tensor& grad_residual) {
   using acc_t = at::opmath_type<scalar_t>;
-  // In eval mode grad_input = gz * scale: input is not read at all.
-  const at::Tensor x_used = training && grad_input.defined() ? input : at::Tensor();
+  // In eval mode grad_input = gz * scale: input is read only for a recomputed mask.
+  const bool read_x = (training && grad_input.defined()) || mask == Mask::kRecomputed;
+  const at::Tensor x_used = read_x ? input : at::Tensor();
   const bool flat = for_flat_lines(w, {&grad_output, &x_used, &output, &grad_input, &grad_residual},
                                    [&](const Walk& lines) {
-    const std::vector<acc_t> mean = expand_channels(lines, coeffs.mean);
-    const GradCoeffs<acc_t> expanded{mean.data(), expand_channels(lines, coeffs.mean_gz.data()),
-                                     expand_channels(lines, coeffs.proj.data()),
-                                     expand_channels(lines, coeffs.scale.data())};
-    grad_elementwise<scalar_t>(lines, grad_output, input, output, training, relu, expanded, grad_input,
+    const GradCoeffs<acc_t> expanded{coeffs.affine.expanded(lines), expand_channels(lines, coeffs.mean_gz.data()),
+                                     expand_channels(lines, coeffs.proj.data())};
+    grad_elementwise<scalar_t>(lines, grad_output, input, output, training, mask, expanded, grad_input,
                                grad_residual);
   });
   if (flat) return;
-  dispatch_bool(relu, [&](auto do_relu) {
+  dispatch_mask(mask, [&](auto mask_from) {
     dispatch_bool(training, [&](auto is_training) {
       dispatch_bool(grad_input.defined(), [&](auto want_input) {
         dispatch_bool(grad_residual.defined(), [&](auto want_residual) {
@@ -59,7 +59,7 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
             using TS = decltype(ts);
             using CS = decltype(cs);
             // (maybe_unused: GCC 12 misses a use as a template argument inside a generic lambda)
-            [[maybe_unused]] constexpr bool kRelu = decltype(do_relu)::value;
+            [[maybe_unused]] constexpr Mask kMask = decltype(mask_from)::value;
             constexpr bool kTraining = decltype(is_training)::value;
             constexpr bool kInput = decltype(want_input)::value, kResidual = decltype(want_residual)::value;
             const auto G = w.lines<const scalar_t, TS>(grad_output);
@@ -67,15 +67,17 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
             const auto Y = w.lines<const scalar_t, TS>(output);
             const auto DX = w.lines<scalar_t, TS>(grad_input);
             const auto DR = w.lines<scalar_t, TS>(grad_residual);
-            const auto Mean = w.per_channel<CS>(coeffs.mean);
+            const auto Mean = w.per_channel<CS>(coeffs.affine.mean.data());
+            const auto Scale = w.per_channel<CS>(coeffs.affine.scale.data());
+            const auto Shift = w.per_channel<CS>(coeffs.affine.shift.data());
             const auto MeanGz = w.per_channel<CS>(coeffs.mean_gz.data());
             const auto Proj = w.per_channel<CS>(coeffs.proj.data());
-            const auto Scale = w.per_channel<CS>(coeffs.scale.data());
             for_each_element<StageFor<scalar_t, TS, kBackwardChunk>>(w, [&](int64_t n, int64_t j, auto& stage) {
               return [g = stage.in(G.line(n, j)), x = stage.in(X.line(n, j)), y = stage.in(Y.line(n, j)),
                       dx = stage.out(DX.line(n, j)), dr = stage.out(DR.line(n, j)), mean = Mean.line(n, j),
-                      mean_gz = MeanGz.line(n, j), proj = Proj.line(n, j), scale = Scale.line(n, j)](int64_t k) {
-                const acc_t gz = relu_grad<kRelu, acc_t>(g, y, k);
+                      scale = Scale.line(n, j), shift = Shift.line(n, j), mean_gz = MeanGz.line(n, j),
+                      proj = Proj.line(n, j)](int64_t k) {
+                const acc_t gz = relu_grad<kMask, scalar_t, acc_t>(g, y, x, mean, scale, shift, k);
                 if constexpr (kInput) {
                   if constexpr (kTraining) {
                     store(dx, k, (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
@@ -95,42 +97,47 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
 
 template <typename scalar_t, typename param_t>
 void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& output,
-                             const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
-                             bool training, bool relu, const at::Tensor& grad_input, const at::Tensor& grad_weight,
-                             const at::Tensor& grad_bias, const at::Tensor& grad_residual) {
+                             const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& mean,
+                             const at::Tensor& invstd, bool training, Mask mask, const at::Tensor& grad_input,
+                             const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                             const at::Tensor& grad_residual) {
   using acc_t = at::opmath_type<scalar_t>;
   const Walk w(view3d(input, "input"));
   const int64_t C = w.C;
   const acc_t* mean_p = mean.data_ptr<acc_t>();
   const acc_t* invstd_p = invstd.data_ptr<acc_t>();
 
-  GradCoeffs<acc_t> coeffs{mean_p, std::vector<acc_t>(C, 0), std::vector<acc_t>(C, 0),
-                           param_or<acc_t, param_t>(weight, C, 1)};
-  for (int64_t c = 0; c < C; ++c) coeffs.scale[c] *= invstd_p[c];
+  // The forward's affine, computed as it did (bn_forward.cpp): a recomputed mask needs the same bits.
+  GradCoeffs<acc_t> coeffs{{std::vector<acc_t>(mean_p, mean_p + C), param_or<acc_t, param_t>(weight, C, 1),
+                            param_or<acc_t, param_t>(bias, C, 0)},
+                           std::vector<acc_t>(C, 0), std::vector<acc_t>(C, 0)};
+  for (int64_t c = 0; c < C; ++c) coeffs.affine.scale[c] *= invstd_p[c];
   param_t* gw = grad_weight.defined() ? grad_weight.data_ptr<param_t>() : nullptr;
   param_t* gb = grad_bias.defined() ? grad_bias.data_ptr<param_t>() : nullptr;
 
   // Eval mode needs the sums only for grad_weight / grad_bias.
   const bool need_sums = gw || gb || (training && grad_input.defined());
   // With relu, the sums pass writes grad_residual (= gz), and grad_input is
-  // computed from it: one tensor fewer to read than grad_output and output.
-  const bool residual_first = need_sums && relu && grad_residual.defined();
+  // computed from it: one tensor fewer to read than grad_output and output, and no
+  // mask to recompute.
+  const bool residual_first = need_sums && mask != Mask::kNone && grad_residual.defined();
   const auto elementwise = [&](const Walk& part) {
     if (residual_first) {
       if (grad_input.defined()) {
-        grad_elementwise<scalar_t>(part, grad_residual, input, at::Tensor(), training, /*relu=*/false, coeffs,
+        grad_elementwise<scalar_t>(part, grad_residual, input, at::Tensor(), training, Mask::kNone, coeffs,
                                    grad_input, at::Tensor());
       }
     } else if (grad_input.defined() || grad_residual.defined()) {
-      grad_elementwise<scalar_t>(part, grad_output, input, output, training, relu, coeffs, grad_input, grad_residual);
+      grad_elementwise<scalar_t>(part, grad_output, input, output, training, mask, coeffs, grad_input, grad_residual);
     }
   };
   if (!need_sums) return elementwise(w);
 
-  // The two passes touch grad_output, input, (relu) output, grad_residual and grad_input.
-  const int64_t tensors = 2 + relu + grad_residual.defined() + grad_input.defined();
+  // The two passes touch grad_output, input, the output (a mask read from it),
+  // grad_residual and grad_input.
+  const int64_t tensors = 2 + (mask == Mask::kOutput) + grad_residual.defined() + grad_input.defined();
   by_channel_blocks(w, tensors * w.M * input.element_size(), [&](const Walk& part) {
-    const std::vector<double> sums = grad_sums<scalar_t>(part, grad_output, input, output, mean_p, relu,
+    const std::vector<double> sums = grad_sums<scalar_t>(part, grad_output, input, output, coeffs.affine, mask,
                                                          residual_first ? grad_residual : at::Tensor());
     for (int64_t i = 0; i < part.nc; ++i) {
       const int64_t c = part.c0 + i;
@@ -150,17 +157,16 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
 
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output_opt,
-    const std::optional<at::Tensor>& weight_opt, const at::Tensor& mean, const at::Tensor& invstd, bool training,
-    bool relu, std::array<bool, 4> output_mask) {
-  const at::Tensor weight = value_or_undefined(weight_opt);
+    const std::optional<at::Tensor>& weight_opt, const std::optional<at::Tensor>& bias_opt, const at::Tensor& mean,
+    const at::Tensor& invstd, bool training, bool relu, std::array<bool, 4> output_mask) {
+  const at::Tensor weight = value_or_undefined(weight_opt), bias = value_or_undefined(bias_opt);
   // Without relu the output is not read (it may since have been overwritten in place).
   const at::Tensor output = relu ? value_or_undefined(output_opt) : at::Tensor();
   check_input(input);
   check_like_input(grad_output, input, "grad_output");
-  TORCH_CHECK(!relu || output.defined(), "output is required when relu is true (its sign is the ReLU mask)");
-  if (relu) check_like_input(output, input, "output");
-  // grad_weight / grad_bias take weight's dtype, or the statistics dtype without weight.
-  const at::ScalarType param_dtype = check_params(input, {{&weight, "weight"}});
+  if (output.defined()) check_like_input(output, input, "output");
+  // grad_weight / grad_bias take the parameters' dtype, or the statistics dtype without any.
+  const at::ScalarType param_dtype = check_params(input, {{&weight, "weight"}, {&bias, "bias"}});
   check_stats(mean, input, "mean");
   check_stats(invstd, input, "invstd");
 
@@ -177,8 +183,9 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_ba
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_backward_kernel", [&] {
     dispatch_param_type<scalar_t>(param_dtype, [&](auto p) {
-      bn_backward_kernel_impl<scalar_t, decltype(p)>(grad_output, input, output, weight, mean, invstd, training, relu,
-                                                     grad_input, grad_weight, grad_bias, grad_residual);
+      bn_backward_kernel_impl<scalar_t, decltype(p)>(grad_output, input, output, weight, bias, mean, invstd, training,
+                                                     mask_of(relu, output), grad_input, grad_weight, grad_bias,
+                                                     grad_residual);
     });
   });
   return results();

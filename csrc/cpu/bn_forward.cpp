@@ -79,10 +79,7 @@ void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residua
                const Affine<at::opmath_type<scalar_t>>& affine, const at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool flat = for_flat_lines(w, {&input, &residual, &output}, [&](const Walk& lines) {
-    const Affine<acc_t> expanded{expand_channels(lines, affine.mean.data()),
-                                 expand_channels(lines, affine.scale.data()),
-                                 expand_channels(lines, affine.shift.data())};
-    normalize<scalar_t>(lines, input, residual, relu, expanded, output);
+    normalize<scalar_t>(lines, input, residual, relu, affine.expanded(lines), output);
   });
   if (flat) return;
   dispatch_bool(residual.defined(), [&](auto has_residual) {
@@ -100,7 +97,7 @@ void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residua
         for_each_element<StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j, auto& stage) {
           return [x = stage.in(X.line(n, j)), r = stage.in(R.line(n, j)), y = stage.out(Y.line(n, j)),
                   mean = Mean.line(n, j), scale = Scale.line(n, j), shift = Shift.line(n, j)](int64_t k) {
-            acc_t v = (static_cast<acc_t>(x[k]) - mean[k]) * scale[k] + shift[k];
+            acc_t v = normalized(static_cast<acc_t>(x[k]), mean[k], scale[k], shift[k]);
             if constexpr (kResidual) v += static_cast<acc_t>(r[k]);
             if constexpr (kRelu) v = std::max(v, acc_t(0));
             store(y, k, v);

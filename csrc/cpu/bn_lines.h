@@ -346,7 +346,7 @@ void dispatch_bool(bool b, const F& f) {
 // turns the ReLU select into zero-masking loads, which made the backward 1.5-2x
 // slower than AVX2 on the project's AMD EPYC machines, and these memory-bound
 // loops gain nothing from the wider vectors. The arithmetic is the same in
-// every clone (no FMA contraction under -std=c++17, fixed summation order), so
+// every clone (no FMA contraction: -ffp-contract=off; fixed summation order), so
 // results do not depend on the machine. Clang does not multiversion templates.
 // flatten: a clone compiles for its target only what is inlined into it; the
 // lambdas that hold the element code are functions of their own, and the float16
@@ -636,7 +636,33 @@ std::vector<acc_t> param_or(const at::Tensor& t, int64_t C, acc_t fill) {
 template <typename acc_t>
 struct Affine {
   std::vector<acc_t> mean, scale, shift;
+
+  // As the flat walk `w` reads it: one value per element of a line (expand_channels).
+  Affine expanded(const Walk& w) const {
+    return {expand_channels(w, mean.data()), expand_channels(w, scale.data()), expand_channels(w, shift.data())};
+  }
 };
+
+// The forward's output before the residual and the ReLU. The backward recomputes the ReLU
+// mask with it (where the forward had no residual), so both call this one expression, which
+// no build contracts into an FMA (setup.py): the same inputs give the same bits.
+template <typename acc_t>
+acc_t normalized(acc_t x, acc_t mean, acc_t scale, acc_t shift) {
+  return (x - mean) * scale + shift;
+}
+
+// Whether `v` is still > 0 once stored as scalar_t: float16 and bfloat16 round positive
+// values up to half their smallest subnormal (2^-24, 2^-133) to 0, ties to even included.
+template <typename scalar_t, typename acc_t>
+bool stored_positive(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return v > 0x1p-25f;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return v > 0x1p-134f;
+  } else {
+    return v > acc_t(0);
+  }
+}
 
 // The tensor of an optional argument, or an undefined one for None.
 inline at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); }

@@ -130,18 +130,19 @@ at::Tensor bn_forward_eval(const at::Tensor& input, const std::optional<at::Tens
 template <class Runtime>
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& output_opt,
-    const std::optional<at::Tensor>& weight_opt, const at::Tensor& mean, const at::Tensor& invstd, bool training,
-    bool relu, std::array<bool, 4> output_mask) {
-  const at::Tensor *output = present(output_opt), *weight = present(weight_opt);
+    const std::optional<at::Tensor>& weight_opt, const std::optional<at::Tensor>& bias_opt, const at::Tensor& mean,
+    const at::Tensor& invstd, bool training, bool relu, std::array<bool, 4> output_mask) {
+  const at::Tensor *output = present(output_opt), *weight = present(weight_opt), *bias = present(bias_opt);
   check_input(input);
   Runtime::check_device(input);
   check_like_input(grad_output, input, "grad_output");
-  TORCH_CHECK(!relu || output, "output is required when relu=True (the ReLU mask is output > 0)");
+  TORCH_CHECK(!relu || output, "the cuda backend's bn_backward reads the ReLU mask from output and cannot "
+              "recompute it: pass output (required when relu=True)");
   if (relu) check_like_input(*output, input, "output");
   check_stats(mean, input, "mean");
   check_stats(invstd, input, "invstd");
-  // grad_weight / grad_bias take weight's dtype, or the statistics dtype without a weight.
-  const at::ScalarType param_dtype = check_params(input, {{weight, "weight"}});
+  // grad_weight / grad_bias take the parameters' dtype, or the statistics dtype without any.
+  const at::ScalarType param_dtype = check_params(input, {{weight, "weight"}, {bias, "bias"}});
 
   const typename Runtime::Guard guard(input.device());
   const auto [want_input, want_weight, want_bias, want_residual] = output_mask;
