@@ -109,3 +109,31 @@ def test_backends_that_read_the_mask_refuse_without_output(backend):
     _, mean, invstd = forward(x, w, b, None, None, None, 0.1, 1e-5, True)
     with pytest.raises((RuntimeError, ValueError), match="reads the ReLU mask from output and cannot recompute it"):
         backward(torch.randn_like(x), x, None, w, b, mean, invstd, True, True, [True] * 4)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else [], id=b)
+                                     for b in OPS])
+@pytest.mark.parametrize("residual,training", [(False, True), (True, True), (False, False)],
+                         ids=["train", "train-residual", "eval"])
+def test_autograd_keeps_the_output_only_for_the_mask(backend, residual, training):
+    """The forward's output is saved for the backward only where the mask must come from it:
+    a residual, eval statistics, or a backend that does not recompute it. Not saved, it can
+    change in place (torchvision's `out += identity`) and the gradients stay right."""
+    import cnnkern
+
+    device = DEVICE[backend]
+    require(backend, device, torch.float32)
+    x = make_input((2, 3, 5, 4), torch.float32, device).requires_grad_()
+    w, b = _params(3, torch.float32, device)
+    r = torch.randn_like(x) if residual else None
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = cnnkern.functional.batch_norm(x, rm, rv, w, b, training, residual=r, activation="relu", backend=backend)
+    keeps = residual or not training or not RECOMPUTES_RELU_MASK[backend]
+    assert any(t.data_ptr() == y.data_ptr() for t in saved) == keeps
+    g = torch.randn_like(y)
+    expected = torch.autograd.grad(y, x, g, retain_graph=True)[0]
+    if not keeps:
+        y.add_(1.0)  # would trip autograd's version check on a saved output
+        assert torch.equal(torch.autograd.grad(y, x, g)[0], expected)
