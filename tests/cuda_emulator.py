@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch.utils import cpp_extension
 
+from cnnkern.ops.batch_norm import RECOMPUTES_RELU_MASK
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EMU = ROOT / "tests" / "cuda_emu"
 BUILD = ROOT / "build" / "cuda_emu"
@@ -84,15 +86,19 @@ def load():
 def cuda_kernels_on_cpu(module, sms: int = 132, seed: int = 0, **device):
     """Within the block, the cnnkern ops run csrc/cuda's kernels (emulated) for CPU tensors,
     on an emulated device of `sms` multiprocessors (other limits: `device`, as the module's
-    use_device takes them), blocks in an order drawn from `seed`."""
+    use_device takes them), blocks in an order drawn from `seed`; autograd asks the cpu
+    backend's backward what the cuda kernels do (RECOMPUTES_RELU_MASK)."""
     module.use_device(sms, **device)
     module.set_block_order_seed(seed)
     lib = torch.library.Library("cnnkern", "IMPL")
+    recomputes = RECOMPUTES_RELU_MASK["cpu"]
     try:
         with warnings.catch_warnings():  # that a kernel is overridden is the point
             warnings.filterwarnings("ignore", "Warning only once for all operators")
             for op in OPS:
                 lib.impl(op, getattr(module, op), "CPU")
+        RECOMPUTES_RELU_MASK["cpu"] = RECOMPUTES_RELU_MASK["cuda"]
         yield module
     finally:
+        RECOMPUTES_RELU_MASK["cpu"] = recomputes
         lib._destroy()
