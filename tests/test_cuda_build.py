@@ -1,6 +1,7 @@
 """Every csrc/cuda/*.cu compiles with plain nvcc (no torch headers) for sm_80 and
 sm_90, without a warning and without spilling registers, so CUDA sources are
-checked on machines with no GPU; and the PTX keeps what nvcc once did not: a loop, whole stores."""
+checked on machines with no GPU; and the PTX keeps what nvcc once did not: a loop, whole stores.
+The torch side of the CUDA backend (bindings.cpp) compiles against the installed torch too."""
 import pathlib
 import re
 import shutil
@@ -109,3 +110,36 @@ def test_tensor_accesses_are_whole(nvcc):
         assert vector_accesses == whole, f"{name}: {sorted(vector_accesses)}"
         checked += 1
     assert checked >= 40, f"found {checked} kernels with 16-byte items"
+
+
+def _nvcc_include_flags():
+    """The CUDA toolkit's include flags, as nvcc itself passes them (INCLUDES and SYSTEM_INCLUDES of
+    its dry run): wherever the toolkit lives, whatever wraps nvcc on PATH."""
+    dry = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"],
+                         capture_output=True, text=True)
+    flags = []
+    for name in ("INCLUDES", "SYSTEM_INCLUDES"):
+        m = re.search(rf'^#\$ {name}=(.*)$', dry.stderr, re.MULTILINE)
+        if m:
+            flags += re.findall(r'"([^"]*)"', m.group(1))
+    return flags
+
+
+@needs_nvcc
+def test_bindings_compile_against_torch(tmp_path):
+    """csrc/cuda/bindings.cpp, the CUDA backend's torch side (checks, guards, streams, dispatch,
+    registration), compiles against this torch's headers: syntax and types only, since nothing
+    links or runs without a GPU. The op signatures it registers are static_asserted there. A
+    CPU build of torch ships c10/cuda's headers but not the one its CMake generates, which
+    only sets build macros: an empty one stands in."""
+    from torch.utils import cpp_extension
+
+    generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("")
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-DCNNKERN_WITH_CUDA", "-I", str(ROOT / "csrc"),
+           *(f"-I{p}" for p in cpp_extension.include_paths()), "-I", str(tmp_path), *_nvcc_include_flags(),
+           str(ROOT / "csrc" / "cuda" / "bindings.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 0, "\n".join(errors[:20]) or result.stderr[-4000:]
