@@ -15,6 +15,13 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def param_grad_dtype(weight: Optional[Tensor], bias: Optional[Tensor], dtype: torch.dtype) -> torch.dtype:
+    """The dtype bn_backward gives grad_weight and grad_bias for input of `dtype`: the
+    parameters' (they share one), or the statistics' without either."""
+    param = weight if weight is not None else bias
+    return param.dtype if param is not None else stat_dtype(dtype)
+
+
 def batch_norm_ref(
     input: Tensor,
     running_mean: Optional[Tensor],

@@ -27,6 +27,21 @@ def backend_params(names=("cpu", "triton", "cuda", "reference")):
     return params
 
 
+# The registered ops' backends, for tests that call the ops themselves: the prefix of each
+# one's ops (torch.ops.cnnkern.<prefix>bn_*) and the device its tensors go on here.
+OP_PREFIX = {"cpu": "", "triton": "triton_", "cuda": ""}
+OP_DEVICE = {"cpu": "cpu", "triton": "cpu" if not torch.cuda.is_available() else "cuda", "cuda": "cuda"}
+
+
+def op_backend_params(names=tuple(OP_PREFIX)):
+    """pytest params of the op backends `names`; with "cuda", also the cpu ops run by
+    csrc/cuda's kernels and wrappers, emulated on the CPU (the `cuda_emulated` marker)."""
+    params = [pytest.param(name, marks=[pytest.mark.cuda] if name == "cuda" else [], id=name) for name in names]
+    if "cuda" in names:
+        params.append(pytest.param("cpu", marks=[pytest.mark.cuda_emulated], id="cuda-emulated"))
+    return params
+
+
 def require(backend: str, device: str, dtype: torch.dtype, op: str = "bn_forward_train") -> None:
     reason = refuses(backend, torch.device(device), dtype, op)
     if reason:

@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from cnnkern.ops.batch_norm import RECOMPUTES_RELU_MASK
-from helpers import make_input, require
+from helpers import OP_DEVICE, OP_PREFIX, make_input, op_backend_params, param_dtype, require
 
-OPS = {"cpu": "", "triton": "triton_", "cuda": ""}
-DEVICE = {"cpu": "cpu", "triton": "cpu" if not torch.cuda.is_available() else "cuda", "cuda": "cuda"}
-BACKENDS = [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else [], id=b)
-            for b in OPS if RECOMPUTES_RELU_MASK[b]]
+RECOMPUTING = op_backend_params([b for b in OP_PREFIX if RECOMPUTES_RELU_MASK[b]])
+REFUSING = op_backend_params([b for b in OP_PREFIX if not RECOMPUTES_RELU_MASK[b]])
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 MASKS = {  # output_mask: [grad_input, grad_weight, grad_bias, grad_residual]
     "all": [True, True, True, True],
@@ -25,16 +23,16 @@ MASKS = {  # output_mask: [grad_input, grad_weight, grad_bias, grad_residual]
 
 def _ops(backend):
     ops = torch.ops.cnnkern
-    prefix = OPS[backend]
+    prefix = OP_PREFIX[backend]
     return getattr(ops, prefix + "bn_forward_train"), getattr(ops, prefix + "bn_backward")
 
 
 def _params(C, dtype, device):
-    pd = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    pd = param_dtype(dtype)
     return torch.rand(C, dtype=pd, device=device) + 0.5, torch.randn(C, dtype=pd, device=device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RECOMPUTING)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout", [
     ((3, 7, 5, 6), "nchw"),
@@ -49,7 +47,7 @@ def _params(C, dtype, device):
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 def test_recomputed_mask_matches_output(backend, dtype, shape, layout, mask, training):
-    device = DEVICE[backend]
+    device = OP_DEVICE[backend]
     require(backend, device, dtype, "bn_backward")
     forward, backward = _ops(backend)
     x = make_input(shape, dtype, device, layout)
@@ -70,17 +68,17 @@ def test_recomputed_mask_matches_output(backend, dtype, shape, layout, mask, tra
 ZERO_BELOW = {torch.float32: 0.0, torch.float64: 0.0, torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RECOMPUTING)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_recomputed_mask_follows_the_stored_output(backend, dtype, layout):
     """A channel with weight 0 outputs its bias: biases at the edge of what the dtype stores
     as 0 put the recomputed mask where the output's rounding puts it, not at v > 0."""
-    device = DEVICE[backend]
+    device = OP_DEVICE[backend]
     require(backend, device, dtype, "bn_backward")
     forward, backward = _ops(backend)
     edge = ZERO_BELOW[dtype]
-    pd = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    pd = param_dtype(dtype)
     above = math.nextafter(edge, math.inf) if pd == torch.float64 else \
         torch.nextafter(torch.tensor(edge, dtype=pd), torch.tensor(1.0, dtype=pd)).item()
     bias = torch.tensor([edge, above, -above, 1.0, -0.0, -1.0, above, edge], dtype=pd, device=device)
@@ -95,15 +93,9 @@ def test_recomputed_mask_follows_the_stored_output(backend, dtype, layout):
     assert ((grad_bias != 0) == on).all(), f"mask by channel {(grad_bias != 0).tolist()}, output {on.tolist()}"
 
 
-REFUSING = [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else [], id=b)
-            for b in OPS if not RECOMPUTES_RELU_MASK[b]]
-if not RECOMPUTES_RELU_MASK["cuda"]:
-    REFUSING.append(pytest.param("cpu", marks=[pytest.mark.cuda_emulated], id="cuda-emulated"))
-
-
 @pytest.mark.parametrize("backend", REFUSING)
 def test_backends_that_read_the_mask_refuse_without_output(backend):
-    device = DEVICE[backend]
+    device = OP_DEVICE[backend]
     require(backend, device, torch.float32, "bn_backward")
     forward, backward = _ops(backend)
     x = make_input((2, 3, 4, 5), torch.float32, device)
@@ -113,8 +105,7 @@ def test_backends_that_read_the_mask_refuse_without_output(backend):
         backward(torch.randn_like(x), x, None, w, b, mean, invstd, True, True, [True] * 4)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else [], id=b)
-                                     for b in OPS])
+@pytest.mark.parametrize("backend", op_backend_params(OP_PREFIX))
 @pytest.mark.parametrize("residual,training", [(False, True), (True, True), (False, False)],
                          ids=["train", "train-residual", "eval"])
 def test_autograd_keeps_the_output_only_for_the_mask(backend, residual, training):
@@ -123,7 +114,7 @@ def test_autograd_keeps_the_output_only_for_the_mask(backend, residual, training
     change in place (torchvision's `out += identity`) and the gradients stay right."""
     import cnnkern
 
-    device = DEVICE[backend]
+    device = OP_DEVICE[backend]
     require(backend, device, torch.float32)
     x = make_input((2, 3, 5, 4), torch.float32, device).requires_grad_()
     w, b = _params(3, torch.float32, device)

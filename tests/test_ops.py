@@ -3,10 +3,7 @@ registration, AOT dispatch), for the C++ ops and their triton_ twins."""
 import pytest
 import torch
 
-from helpers import make_input, require
-
-OPS = {"cpu": "", "triton": "triton_", "cuda": ""}
-DEVICE = {"cpu": "cpu", "triton": "cpu" if not torch.cuda.is_available() else "cuda", "cuda": "cuda"}
+from helpers import OP_DEVICE, OP_PREFIX, make_input, op_backend_params, require
 
 
 def _args(device, dtype, relu):
@@ -18,19 +15,13 @@ def _args(device, dtype, relu):
     return x, w, b, r, rm, rv
 
 
-BACKENDS = [pytest.param(b, marks=[pytest.mark.cuda] if b == "cuda" else [], id=b) for b in OPS] + [
-    # the C++ ops with csrc/cuda's kernels and wrappers, emulated on the CPU (conftest.py)
-    pytest.param("cpu", marks=[pytest.mark.cuda_emulated], id="cuda-emulated"),
-]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", op_backend_params())
 @pytest.mark.parametrize("relu", [True, False])
 def test_opcheck(backend, relu):
-    device = DEVICE[backend]
+    device = OP_DEVICE[backend]
     require(backend, device, torch.float32)
     ops = torch.ops.cnnkern
-    prefix = OPS[backend]
+    prefix = OP_PREFIX[backend]
     x, w, b, r, rm, rv = _args(device, torch.float32, relu)
     fwd_train = getattr(ops, prefix + "bn_forward_train")
     fwd_eval = getattr(ops, prefix + "bn_forward_eval")

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import _extension
 from ..backends import TRITON_IMPORT_ERROR
 from ..layout import try_view3d
-from ..reference import stat_dtype
+from ..reference import param_grad_dtype, stat_dtype
 
 # Ops per backend: the C++ ops serve "cpu" and "cuda", the triton_ ones "triton".
 _PREFIX = {"cpu": "", "cuda": "", "triton": "triton_"}
@@ -39,8 +39,7 @@ def _fake_forward_eval(input, weight, bias, residual, running_mean, running_var,
 
 
 def _fake_backward(grad_output, input, output, weight, bias, mean, invstd, training, relu, output_mask):
-    param = weight if weight is not None else bias
-    param_dtype = param.dtype if param is not None else mean.dtype
+    param_dtype = param_grad_dtype(weight, bias, input.dtype)
     return (
         torch.empty_like(input) if output_mask[0] else None,
         mean.new_empty(mean.shape, dtype=param_dtype) if output_mask[1] else None,

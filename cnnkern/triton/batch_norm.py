@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..layout import Strided3d, view3d_of
-from ..reference import stat_dtype
+from ..reference import param_grad_dtype, stat_dtype
 from . import launch
 
 __all__ = ["bn_forward_train", "bn_forward_eval", "bn_backward"]
@@ -775,8 +775,7 @@ def bn_backward(grad_output: Tensor, input: Tensor, output: Optional[Tensor], we
                          "(its forward normalizes around a pivot the backward does not have): pass output")
     need_dx, need_dw, need_db, need_dr = output_mask
     C = input.shape[1]
-    param = weight if weight is not None else bias
-    grad_dtype = param.dtype if param is not None else mean.dtype
+    grad_dtype = param_grad_dtype(weight, bias, input.dtype)
     grad_input = torch.empty_like(input) if need_dx else None
     grad_residual = torch.empty_like(input) if need_dr else None
     grad_weight = mean.new_empty(C, dtype=grad_dtype) if need_dw else None
