@@ -366,3 +366,33 @@ def test_cpu_flat_lines(threads, layout, dtype, training):
         run_and_compare("cpu", "cpu", x, training=training)
     finally:
         torch.set_num_threads(previous)
+
+
+# A fresh process's first calls against its later ones, on 2 threads (OMP_NUM_THREADS: a call of
+# torch.set_num_threads readies the workers and hides the first call's path): NCHW inputs small
+# enough for channel blocks (by_channel_blocks), short lines and long, and the backward's sums.
+_FIRST_CALLS = r"""
+import torch, cnnkern
+torch.manual_seed(0)
+for shape, dtype in [((3, 6, 5, 4), torch.float64), ((4, 8, 32, 32), torch.float64), ((3, 6, 5, 4), torch.float32)]:
+    x = torch.randn(shape, dtype=dtype) + torch.randn(shape[1], 1, 1, dtype=dtype)
+    w, b, g = torch.rand(shape[1], dtype=dtype) + 0.5, torch.randn(shape[1], dtype=dtype), torch.randn_like(x)
+    def step():
+        y, mean, invstd = torch.ops.cnnkern.bn_forward_train(x, w, b, None, None, None, 0.1, 1e-5, True)
+        grads = torch.ops.cnnkern.bn_backward(g, x, y, w, b, mean, invstd, True, True, [True, True, True, False])
+        return [y, mean, invstd, *grads[:3]]
+    first = step()
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first, step())), (shape, dtype)
+print("same")
+"""
+
+
+def test_cpu_first_calls_sum_as_later_ones():
+    """Every call sums in the same order, a process's first included: the first training forward
+    once took another summation path on a worker thread that had not yet run a task (its
+    at::get_num_threads() said 1), and its invstd differed from later calls' in the last bit."""
+    require("cpu", "cpu", torch.float64)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", _FIRST_CALLS], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.split() == ["same"], result.stdout[-2000:] + result.stderr[-4000:]

@@ -539,6 +539,13 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   fold();
 }
 
+// The threads a parallel_for called here can use: 1 inside another's region (a channel block of
+// by_channel_blocks), where it runs inline. The passes choose how to sum by it, so that every call
+// sums in the same order. at::get_num_threads() would not do: inside a region it said 1 on a
+// worker thread before its first task and the pool's size after, so a process's first training
+// forward summed a channel along another path, and its invstd differed in the last bit.
+inline int usable_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
 // Per-channel sums of the pair (a, b) that line_fn(n, j, stage)(k) yields per element,
 // for the walk's channels c0 + i, i < nc: {sum a for each, then sum b for each}.
 // Partial sums are acc_t (vector-wide, fast) over at most a segment or
@@ -551,7 +558,8 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
 template <typename acc_t, typename ChannelStride, bool kGroupLines, typename St, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
   const int64_t size = 2 * w.nc;
-  if (std::is_same_v<ChannelStride, Bcast> && w.len <= kShortLine && w.nc >= at::get_num_threads()) {
+  const int nthreads = usable_threads();
+  if (std::is_same_v<ChannelStride, Bcast> && w.len <= kShortLine && w.nc >= nthreads) {
     std::vector<double> total(size, 0.0);  // a channel's sums on one thread: nothing to combine
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / w.M);
     at::parallel_for(0, w.nc, grain, [&](int64_t begin, int64_t end) {
@@ -559,7 +567,6 @@ std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
     });
     return total;
   }
-  const int nthreads = at::get_num_threads();
   std::vector<double> thread_sums(nthreads * size, 0.0);
   at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
@@ -603,7 +610,7 @@ inline int64_t l2_bytes() {
 // one channel a block: 3.0 ms over 12. The ReLU forward's blocks stay 2 channels there.)
 template <typename F>
 void by_channel_blocks(const Walk& w, int64_t bytes_per_channel, const F& f) {
-  const int64_t budget = l2_bytes(), threads = at::get_num_threads();
+  const int64_t budget = l2_bytes(), threads = usable_threads();
   if (w.along_c || w.C < 2 * threads || bytes_per_channel > budget) return f(w);
   const int64_t block = std::clamp<int64_t>(budget / bytes_per_channel, 1, w.C / (2 * threads));
   at::parallel_for(0, w.C, block, [&](int64_t begin, int64_t end) {
