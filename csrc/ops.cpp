@@ -42,8 +42,8 @@ TORCH_LIBRARY(cnnkern, m) {
     // read from `output`, or, with `output` None, recomputed from `input` with mean,
     // invstd, weight and bias as the forward computed it. The recomputed mask holds for
     // a forward without a residual, given the very mean and invstd it normalized with
-    // (save_mean, save_invstd); backends that cannot recompute it refuse output None
-    // (RECOMPUTES_RELU_MASK, cnnkern/ops/batch_norm.py). Without relu, `output` is not
+    // (save_mean, save_invstd); a backend that cannot recompute it in the input's dtype
+    // refuses output None (RECOMPUTES_RELU_MASK, cnnkern/ops/batch_norm.py). Without relu, `output` is not
     // read (it may since have been overwritten); `bias` serves the recomputed mask only.
     // output_mask: [grad_input, grad_weight, grad_bias, grad_residual]; with relu
     // false grad_residual is grad_output itself, so it is never asked for then.

@@ -42,6 +42,11 @@ def op_backend_params(names=tuple(OP_PREFIX)):
     return params
 
 
+def kernels_of(param) -> str:
+    """The backend whose kernels an op_backend_params param runs: "cuda" for the emulated one."""
+    return "cuda" if any(mark.name == "cuda_emulated" for mark in param.marks) else param.values[0]
+
+
 def require(backend: str, device: str, dtype: torch.dtype, op: str = "bn_forward_train") -> None:
     reason = refuses(backend, torch.device(device), dtype, op)
     if reason:

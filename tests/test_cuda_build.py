@@ -51,8 +51,9 @@ def test_there_are_cuda_sources():
 # Kernels whose step loop (for_each_step) runs over several n per thread: along C, unvectorized
 # (N does not merge into L when another tensor has another layout). Mangled-name fragments.
 NESTED_STEP_LOOPS = ("bn_stats_kernelIdLb1ELi1E", "bn_forward_kernelIddLb1ELi1ELb0E",
-                     "bn_forward_kernelIddLb1ELi1ELb1E", "bn_grad_sums_kernelIdLb1ELi1E",
-                     "bn_backward_kernelIddLb1ELi1E")
+                     "bn_forward_kernelIddLb1ELi1ELb1E", "bn_grad_sums_kernelIdLb1ELi1ELb0E",
+                     "bn_grad_sums_kernelIdLb1ELi1ELb1E", "bn_backward_kernelIddLb1ELi1ELb0E",
+                     "bn_backward_kernelIddLb1ELi1ELb1E")
 
 
 def loop_depth(ptx_body: str) -> int:

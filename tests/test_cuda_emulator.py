@@ -163,6 +163,44 @@ def test_one_pass_training(cuda_emulator, shape, dtype, layout, sms, device, opt
     assert (grids[0][3], sum(g[3] for g in grids) - grids[0][3]) == one_pass, grids
 
 
+# The backward's kernels that recompute the ReLU mask from x (float32, float64: kRecomputesReluMask)
+# against those that read it from the output, on grids split over several blocks and in one pass:
+# the same launches, and the same gradients bit for bit. Asking for grad_residual too makes the
+# two-pass backward's first launch write it and its second read it (no mask there).
+@pytest.mark.parametrize("shape,dtype,layout,sms,device,one_pass", [
+    pytest.param((8, 3, 128, 128), torch.float32, "nchw", 3, {}, False, id="nchw-f32-split"),
+    pytest.param((8, 32, 40, 40), torch.float32, "channels_last", 3, {}, False, id="cl-f32-split"),
+    pytest.param((4, 11, 17, 17), torch.float64, "slice_cl", 132, {}, False, id="slicecl-f64"),
+    pytest.param((4, 12, 20, 20), torch.float32, "nchw", 2, SMALL_GPU, True, id="nchw-f32-one-pass"),
+    pytest.param((4, 32, 12, 12), torch.float32, "channels_last", 1, SMALL_GPU, True, id="cl-f32-one-pass"),
+    pytest.param((4, 11, 9, 9), torch.float64, "slice_cl", 2, SMALL_GPU, True, id="slicecl-f64-one-pass"),
+])
+@pytest.mark.parametrize("output_mask", [[True, True, True, False], [True, True, True, True]],
+                         ids=["no-residual", "grad-residual"])
+def test_recomputed_mask_on_split_and_one_pass_grids(cuda_emulator, shape, dtype, layout, sms, device, one_pass,
+                                                    output_mask):
+    ops = torch.ops.cnnkern
+    x = make_input(shape, dtype, "cpu", layout, mean=3.0)
+    C = shape[1]
+    w, b = torch.rand(C, dtype=dtype) + 0.5, torch.rand(C, dtype=dtype) - 0.5  # a mask of 30-70% ones
+    g = torch.randn_like(x)
+    with cuda_kernels_on_cpu(cuda_emulator, sms=sms, **device):
+        y, mean, invstd = ops.bn_forward_train(x, w, b, None, None, None, 0.1, 1e-5, True)
+        cuda_emulator.launched_grids()
+        read = ops.bn_backward(g, x, y, w, b, mean, invstd, True, True, output_mask)
+        read_grids = cuda_emulator.launched_grids()
+        recomputed = ops.bn_backward(g, x, None, w, b, mean, invstd, True, True, output_mask)
+        grids = cuda_emulator.launched_grids()
+    assert 0.2 < (y > 0).double().mean().item() < 0.8, "the mask must cut both ways"
+    assert grids == read_grids and grids[0][3] == one_pass, (grids, read_grids)
+    if not one_pass:
+        assert max(y * z for _, y, z, *_ in grids) > 1, f"no launch split the items: {grids}"
+    for name, a, r in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), read, recomputed):
+        assert (a is None) == (r is None), name
+        if a is not None:
+            assert torch.equal(a, r), f"{name}: the recomputed mask differs from the output's"
+
+
 # Along L the one-pass plan takes the lane count (32, 16 or 8 a row) of the least time
 # (plan_call), where the two-pass plan takes 32 here: fewer lanes a row, more samples a step.
 @pytest.mark.parametrize("shape,dtype,lanes", [((32, 3, 36, 36), torch.float32, (16, 16)),

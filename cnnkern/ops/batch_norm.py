@@ -19,10 +19,16 @@ from ..reference import param_grad_dtype, stat_dtype
 # Ops per backend: the C++ ops serve "cpu" and "cuda", the triton_ ones "triton".
 _PREFIX = {"cpu": "", "cuda": "", "triton": "triton_"}
 
-# Whether a backend's bn_backward recomputes the ReLU mask from the input (output None),
-# as its forward computed the output. Triton's forward normalizes around a pivot its
-# backward does not have (cnnkern/triton/batch_norm.py), so it reads the output.
-RECOMPUTES_RELU_MASK = {"cpu": True, "cuda": False, "triton": False}
+# The input dtypes for which a backend's bn_backward recomputes the ReLU mask from the input
+# (output None), as its forward computed the output. cuda: float32 and float64 only
+# (csrc/cuda/bn_device.cuh, kRecomputesReluMask: its 16-bit recomputing kernels spilled
+# registers). Triton's forward normalizes around a pivot its backward does not have
+# (cnnkern/triton/batch_norm.py), so it reads the output in every dtype.
+RECOMPUTES_RELU_MASK = {
+    "cpu": frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+    "cuda": frozenset({torch.float32, torch.float64}),
+    "triton": frozenset(),
+}
 
 
 def _op(backend: str, name: str):
@@ -98,7 +104,7 @@ class BatchNormFunction(torch.autograd.Function):
         # from the input instead (no residual; the batch statistics, which it gets as the
         # forward saved them) it is not kept: the backward reads a tensor fewer, and the
         # output is free for in-place ops (torchvision's `out += identity`) and the allocator.
-        keeps_output = relu and not (training and residual is None and RECOMPUTES_RELU_MASK[backend])
+        keeps_output = relu and not (training and residual is None and input.dtype in RECOMPUTES_RELU_MASK[backend])
         ctx.save_for_backward(input, output if keeps_output else None, weight, bias, mean, invstd)
         return output
 

@@ -378,6 +378,16 @@ bool backward_needs_sums(const BnBackwardArgs& a) {
   return (a.grad_input && a.training) || a.grad_weight || a.grad_bias;
 }
 
+// Calls f(std::bool_constant<recompute>{}): whether the backward kernels recompute the ReLU mask
+// from x. The recomputing kernels exist for the types that recompute it only; for the others
+// `recompute` is cudaErrorInvalidValue (the wrapper refuses the call before).
+template <typename T, class F>
+cudaError_t dispatch_recompute(bool recompute, F&& f) {
+  if (!recompute) return f(std::false_type{});
+  if constexpr (kRecomputesReluMask<T>) return f(std::true_type{});
+  return cudaErrorInvalidValue;
+}
+
 // The launch plan over `ops` (rewrites their views, as make_plan does) and, when the call has a
 // one-pass kernel (`one_pass_kernel`), the one-pass plan if plan_resident takes the call. That
 // kernel keeps kKept tensors in shared memory and merges Acc partials, with a table of
@@ -627,6 +637,7 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   p.relu_output = static_cast<const T*>(ops[2].data);
   p.out_view = ops[2].view;
   p.weight = static_cast<const P*>(a.weight);
+  p.bias = static_cast<const P*>(a.bias);
   p.mean = static_cast<const A*>(a.mean);
   p.invstd = static_cast<const A*>(a.invstd);
   if (sums) {
@@ -642,16 +653,20 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   p.grad_bias = static_cast<P*>(a.grad_bias);
   p.count = a.input_view.N * a.input_view.L;
   p.training = a.training;
+  const bool recompute = a.relu && !a.output;  // the ReLU mask from x (kRecomputesReluMask)
   if (resident) {
-    return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
-      return launch_resident(bn_backward_resident_kernel<T, P, decltype(along_c)::value, decltype(vec)::value>,
-                             *resident, arrivals_in<A>(workspace, 2 * S * C), stream, p, resident->plan.tiling,
-                             resident->channel_tiles, resident->kept_items);
+    return dispatch_recompute<T>(recompute, [&](auto recomputed) {
+      return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
+        return launch_resident(bn_backward_resident_kernel<T, P, decltype(along_c)::value, decltype(vec)::value,
+                                                           decltype(recomputed)::value>,
+                               *resident, arrivals_in<A>(workspace, 2 * S * C), stream, p, resident->plan.tiling,
+                               resident->channel_tiles, resident->kept_items);
+      });
     });
   }
   // With relu, launch 1 writes grad_residual (gz) and launch 2 reads it instead of grad_output
-  // and the output: one tensor fewer to read.
-  const bool residual_first = sums && p.relu_output && p.grad_residual;
+  // and the mask's source (the output, or x when it needs no x itself): at most as many tensors.
+  const bool residual_first = sums && a.relu && p.grad_residual;
   BackwardParams<T, P> q = p;
   if (residual_first) {
     q.grad_output = p.grad_residual;
@@ -661,17 +676,28 @@ cudaError_t backward(const BnBackwardArgs& a, void* workspace, cudaStream_t stre
   }
   // Without elementwise outputs left, only the blocks writing grad_weight / grad_bias are needed.
   const dim3 grid = q.grad_input || q.grad_residual ? plan.grid : dim3(plan.grid.x);
-  return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
-    constexpr bool kAlongC = decltype(along_c)::value;
-    constexpr int VEC = decltype(vec)::value;
-    if (sums) {
-      bn_grad_sums_kernel<T, kAlongC, VEC><<<plan.grid, plan.block, 0, stream>>>(
-          p.grad_output, p.g_view, p.input, p.in_view, p.relu_output, p.out_view,
-          residual_first ? p.grad_residual : nullptr, p.gr_view, p.mean, plan.tiling, p.partials);
-      if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-    }
-    bn_backward_kernel<T, P, kAlongC, VEC><<<grid, plan.block, 0, stream>>>(q, plan.tiling);
-    return cudaGetLastError();
+  return dispatch_recompute<T>(recompute, [&](auto recomputed) {
+    constexpr bool kRecompute = decltype(recomputed)::value;
+    return dispatch_layout<T>(plan, [&](auto along_c, auto vec) {
+      constexpr bool kAlongC = decltype(along_c)::value;
+      constexpr int VEC = decltype(vec)::value;
+      if (sums) {
+        static_assert(!kRecompute || std::is_same_v<P, A>, "recomputing types have parameters of their own type");
+        const A* weight = kRecompute ? reinterpret_cast<const A*>(p.weight) : nullptr;
+        const A* bias = kRecompute ? reinterpret_cast<const A*>(p.bias) : nullptr;
+        bn_grad_sums_kernel<T, kAlongC, VEC, kRecompute><<<plan.grid, plan.block, 0, stream>>>(
+            p.grad_output, p.g_view, p.input, p.in_view, p.relu_output, p.out_view,
+            residual_first ? p.grad_residual : nullptr, p.gr_view, p.mean, p.invstd, weight, bias, plan.tiling,
+            p.partials);
+        if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+      }
+      if (residual_first) {
+        bn_backward_kernel<T, P, kAlongC, VEC, false><<<grid, plan.block, 0, stream>>>(q, plan.tiling);
+      } else {
+        bn_backward_kernel<T, P, kAlongC, VEC, kRecompute><<<grid, plan.block, 0, stream>>>(q, plan.tiling);
+      }
+      return cudaGetLastError();
+    });
   });
 }
 
@@ -723,8 +749,25 @@ cudaError_t bn_backward_workspace(const BnBackwardArgs& args, size_t* bytes) {
   });
 }
 
+bool bn_backward_recomputes_relu_mask(DType input) {
+  switch (input) {
+    case DType::kFloat16:
+      return kRecomputesReluMask<__half>;
+    case DType::kBFloat16:
+      return kRecomputesReluMask<__nv_bfloat16>;
+    case DType::kFloat32:
+      return kRecomputesReluMask<float>;
+    case DType::kFloat64:
+      return kRecomputesReluMask<double>;
+  }
+  return false;
+}
+
 cudaError_t bn_backward(const BnBackwardArgs& args, void* workspace, cudaStream_t stream) {
-  if ((args.relu && !args.output) || (backward_needs_sums(args) && !workspace)) return cudaErrorInvalidValue;
+  if ((args.relu && !args.output && !bn_backward_recomputes_relu_mask(args.input_dtype)) ||
+      (backward_needs_sums(args) && !workspace)) {
+    return cudaErrorInvalidValue;
+  }
   return dispatch_dtypes(args.input_dtype, args.param_dtype, [&](auto t, auto p) {
     return backward<typename decltype(t)::type, typename decltype(p)::type>(args, workspace, stream);
   });

@@ -64,10 +64,15 @@ struct BnBackwardArgs {
   Strided3d grad_output_view;
   const void* input;  // x
   Strided3d input_view;
-  const void* output;  // the forward's output, read when relu: gz = g * (output > 0)
+  // The forward's output, read when relu: gz = g * (output > 0). nullptr with relu: the mask is
+  // recomputed from input, mean, invstd, weight and bias as the forward computed its output, which
+  // holds after a training forward without residual given its save_mean / save_invstd (input
+  // dtypes for which bn_backward_recomputes_relu_mask).
+  const void* output;
   Strided3d output_view;
 
   const void* weight;  // (C,) or nullptr for w = 1
+  const void* bias;    // (C,) or nullptr for b = 0; read only to recompute the ReLU mask
   const void* mean;    // (C,) statistics dtype: the mean the forward normalized with
   const void* invstd;  // (C,) statistics dtype: the invstd it normalized with
 
@@ -85,6 +90,10 @@ struct BnBackwardArgs {
 
 // Bytes of scratch memory bn_backward needs for `args` (0 when it needs no reduction).
 cudaError_t bn_backward_workspace(const BnBackwardArgs& args, size_t* bytes);
+
+// Whether bn_backward recomputes the ReLU mask (output nullptr) for `input` dtype: float32 and
+// float64. In 16 bits the kernels read it from the output (their recomputing versions spilled).
+bool bn_backward_recomputes_relu_mask(DType input);
 
 // Backward of either forward; `workspace` as for bn_forward_train, of bn_backward_workspace() bytes.
 cudaError_t bn_backward(const BnBackwardArgs& args, void* workspace, cudaStream_t stream);

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/word_access.cuh"
 #include "strided3d.h"
@@ -71,6 +72,23 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
 // 1 / sqrt(x) in the accumulation precision (no fast-math approximation).
 __device__ __forceinline__ float inv_sqrt(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double inv_sqrt(double x) { return 1.0 / sqrt(x); }
+
+// The forward's output before the residual and the ReLU, (x - mean) * scale + shift, as one fused
+// multiply-add written out: the forward and a backward that recomputes the ReLU mask from x call
+// this one expression, which nvcc cannot then contract differently at the two call sites, so the
+// same inputs give the same bits.
+__device__ __forceinline__ float normalized(float x, float mean, float scale, float shift) {
+  return __fmaf_rn(x - mean, scale, shift);
+}
+__device__ __forceinline__ double normalized(double x, double mean, double scale, double shift) {
+  return __fma_rn(x - mean, scale, shift);
+}
+
+// Whether the backward kernels recompute the ReLU mask for input type T (bn_backward with no
+// output): float32 and float64. In 16 bits the recomputing kernels spilled registers along C (the
+// mean, scale and shift of 8 channels a thread), so they read the mask from the output.
+template <typename T>
+constexpr bool kRecomputesReluMask = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 // VEC elements adjacent in memory: one access (16 bytes when VEC > 1).
 template <typename T, int VEC>
@@ -499,6 +517,17 @@ struct Coefficients {
   A mean[K], scale[K], shift[K];
 };
 
+// The forward's scale and shift of channel c: every kernel that needs them (the forward's, and a
+// backward's that recomputes its output) computes them with these, from the same values.
+template <typename A, typename P>
+__device__ __forceinline__ A affine_scale(const P* weight, int64_t c, A invstd) {
+  return (weight ? to_acc(weight[c]) : A(1)) * invstd;
+}
+template <typename A, typename P>
+__device__ __forceinline__ A affine_shift(const P* bias, int64_t c) {
+  return bias ? to_acc(bias[c]) : A(0);
+}
+
 // Per-channel coefficients of type Coefs (K channels a thread) for every thread of the block:
 // the first `groups` threads, which hold their channel group's block totals (block_merge), each
 // fill their group's with `fill(coefs, k, c)` for channel c = tile.c + k, and all threads read
@@ -532,8 +561,8 @@ __device__ Coefficients<acc_t<T>, K> channel_coefficients(const ForwardParams<T,
     const A var = kTraining ? batch.m2[k] / m : to_acc(p.running_var[c]);
     const A invstd = inv_sqrt(var + p.eps);
     co.mean[k] = mean;
-    co.scale[k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
-    co.shift[k] = p.bias ? to_acc(p.bias[c]) : A(0);
+    co.scale[k] = affine_scale(p.weight, c, invstd);
+    co.shift[k] = affine_shift<A>(p.bias, c);
     if (kTraining && publish) {
       p.save_mean[c] = mean;
       p.save_invstd[c] = invstd;
@@ -554,7 +583,7 @@ __device__ __forceinline__ void normalize_step(Vec<T, VEC> (&x)[U], const Vec<T,
                                                const Coefficients<acc_t<T>, K>& co, bool relu) {
   using A = acc_t<T>;
   for_each_value<U, VEC, K>([&](int u, int e, int k) {
-    A y = (to_acc(x[u].v[e]) - co.mean[k]) * co.scale[k] + co.shift[k] + to_acc(r[u].v[e]);
+    A y = normalized(to_acc(x[u].v[e]), co.mean[k], co.scale[k], co.shift[k]) + to_acc(r[u].v[e]);
     if (relu) y = y < A(0) ? A(0) : y;  // NaN stays NaN, as torch.relu
     x[u].v[e] = from_acc<T>(y);
   });
@@ -575,6 +604,57 @@ __device__ __forceinline__ void load_gz(const T* grad_output, const Strided3d& g
   });
 }
 
+// The forward's coefficients of the thread's K channels, from the statistics it saved (mean,
+// invstd) and its parameters, for recomputing its output from x: all zeros past the last channel.
+template <int K, typename A, typename P, class Tile>
+__device__ __forceinline__ Coefficients<A, K> forward_coefficients(const A* mean, const A* invstd, const P* weight,
+                                                                   const P* bias, const Tile& tile) {
+  Coefficients<A, K> co;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t c = tile.c + k;
+    co.mean[k] = tile.channel_ok ? mean[c] : A(0);
+    co.scale[k] = tile.channel_ok ? affine_scale(weight, c, invstd[c]) : A(0);
+    co.shift[k] = tile.channel_ok ? affine_shift<A>(bias, c) : A(0);
+  }
+  return co;
+}
+
+// gz = g where the forward's output, recomputed from x with its coefficients `co`, is > 0, and 0
+// elsewhere (in place in g): the mask load_gz reads from the output, for a forward without a
+// residual. Float32 and float64 only (kRecomputesReluMask): there the stored output is the
+// computed value, so the test needs no rounding to the element type.
+template <int U, int VEC, int K, typename T>
+__device__ __forceinline__ void mask_recomputed(Vec<T, VEC> (&g)[U], const Vec<T, VEC> (&x)[U],
+                                                const Coefficients<acc_t<T>, K>& co) {
+  static_assert(kRecomputesReluMask<T>, "16-bit outputs round tiny positive values to 0");
+  for_each_value<U, VEC, K>([&](int u, int e, int k) {
+    g[u].v[e] = normalized(x[u].v[e], co.mean[k], co.scale[k], co.shift[k]) > T(0) ? g[u].v[e] : T(0);
+  });
+}
+
+// A backward reduction's step: loads gz (g and the ReLU mask) and x, and writes grad_residual = gz
+// where wanted (`grad_residual` non-null). The mask comes from `relu_output` (g first, then x: the
+// order the 16-bit kernels fit their registers in) or, with kRecompute, from x and the forward's
+// coefficients `forward`.
+template <bool kRecompute, int U, int VEC, int K, typename T, class Tile, typename Count>
+__device__ __forceinline__ void load_gz_and_x(const T* grad_output, const Strided3d& g_view, const T* input,
+                                              const Strided3d& in_view, const T* relu_output,
+                                              const Strided3d& out_view, T* grad_residual, const Strided3d& gr_view,
+                                              const Coefficients<acc_t<T>, K>& forward, const Tile& t, int64_t n,
+                                              int64_t i, Count count, Vec<T, VEC> (&gz)[U], Vec<T, VEC> (&x)[U]) {
+  if constexpr (kRecompute) {
+    load_step(input, in_view, t, n, i, count, x);
+    load_step(grad_output, g_view, t, n, i, count, gz);
+    mask_recomputed(gz, x, forward);
+    if (grad_residual) store_step(grad_residual, gr_view, t, n, i, count, gz);
+  } else {
+    load_gz(grad_output, g_view, relu_output, out_view, t, n, i, count, gz);
+    if (grad_residual) store_step(grad_residual, gr_view, t, n, i, count, gz);
+    load_step(input, in_view, t, n, i, count, x);
+  }
+}
+
 template <typename T, typename P>
 struct BackwardParams {
   const T* grad_output;  // g, (N, C, L)
@@ -584,6 +664,7 @@ struct BackwardParams {
   const T* relu_output;  // forward output (relu: gz = g * (y > 0)), or nullptr
   Strided3d out_view;
   const P* weight;                  // (C,) or nullptr: w = 1
+  const P* bias;                    // (C,) or nullptr: b = 0; read only to recompute the ReLU mask
   const acc_t<T>* mean;             // (C,) the statistics the forward normalized with
   const acc_t<T>* invstd;           // (C,)
   GradPartials<acc_t<T>> partials;  // (S, C) from bn_grad_sums_kernel
@@ -617,7 +698,7 @@ __device__ GradCoefficients<acc_t<T>, K> grad_coefficients(const BackwardParams<
                                                                          int64_t c) {
     const A invstd = p.invstd[c];
     co.mean[k] = p.mean[c];
-    co.scale[k] = (p.weight ? to_acc(p.weight[c]) : A(1)) * invstd;
+    co.scale[k] = affine_scale(p.weight, c, invstd);
     co.mean_gz[k] = p.training ? sums.gz[k] / m : A(0);
     co.proj[k] = p.training ? invstd * invstd * (sums.gzxmu[k] / m) : A(0);
     if (tile.first_split && p.grad_weight) p.grad_weight[c] = from_acc<P>(sums.gzxmu[k] * invstd);

@@ -85,8 +85,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 // Training backward with grad_input in one pass over its inputs from DRAM, for tensors larger
 // than L2 (resident_rounds): each block loads gz (from g and the ReLU mask) and x of its split,
 // writes grad_residual = gz right away, keeps both in shared memory while summing its partials,
-// then merges its tile's partials and writes grad_input from shared memory.
-template <typename T, typename P, bool kAlongC, int VEC>
+// then merges its tile's partials and writes grad_input from shared memory. kRecompute: the ReLU
+// mask is recomputed from x (mask_recomputed) rather than read from the output.
+template <typename T, typename P, bool kAlongC, int VEC, bool kRecompute>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     bn_backward_resident_kernel(const BackwardParams<T, P> p,  // tensors and scalars; training, grad_input wanted
                                 const Tiling tiling,           // one channel tile's cover; gridDim.x tiles a round
@@ -107,14 +108,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     A mu[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? p.mean[tile.c + k] : A(0);
+    Coefficients<A, K> forward{};
+    if constexpr (kRecompute) forward = forward_coefficients<K>(p.mean, p.invstd, p.weight, p.bias, tile);
     GradSums<A, K> acc = empty<GradSums<A, K>>();
     int64_t slot = rank;
     // Along C, compiled once: a second copy for whole steps spills registers (8 channels a thread).
     for_each_step<U, /*kWholeSteps=*/!kAlongC>(tile, [&](int64_t n, int64_t i, auto count) {
       Vec<T, VEC> gz[U], x[U];
-      load_gz(p.grad_output, p.g_view, p.relu_output, p.out_view, tile, n, i, count, gz);
-      if (p.grad_residual) store_step(p.grad_residual, p.gr_view, tile, n, i, count, gz);
-      load_step(p.input, p.in_view, tile, n, i, count, x);
+      load_gz_and_x<kRecompute>(p.grad_output, p.g_view, p.input, p.in_view, p.relu_output, p.out_view,
+                                p.grad_residual, p.gr_view, forward, tile, n, i, count, gz, x);
 #pragma unroll
       for (int u = 0; u < U; ++u, slot += kThreads) kept_gz[slot] = gz[u], kept_x[slot] = x[u];
       add_grad_step(acc, gz, x, mu, count);

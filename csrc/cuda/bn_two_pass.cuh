@@ -59,8 +59,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 
 // Backward, launch 1 (when some output needs the sums): per (split, channel), sum(gz) and
 // sum(gz * (x - mean)). With relu and grad_residual wanted, it also writes grad_residual = gz,
-// which launch 2 then reads in place of grad_output and the output.
-template <typename T, bool kAlongC, int VEC>
+// which launch 2 then reads in place of grad_output and the ReLU mask. kRecompute: the mask is
+// recomputed from x (mask_recomputed) rather than read from the output (relu_output is unused).
+template <typename T, bool kAlongC, int VEC, bool kRecompute>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     bn_grad_sums_kernel(const T* grad_output,              // g, (N, C, L)
                         const Strided3d g_view,            // g's view
@@ -71,6 +72,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
                         T* grad_residual,                  // written: gz, same shape, or nullptr
                         const Strided3d gr_view,           // its view
                         const acc_t<T>* mean,              // (C,) the mean the forward normalized with
+                        const acc_t<T>* invstd,            // (C,) kRecompute: the invstd it normalized with
+                        const acc_t<T>* weight,            // (C,) kRecompute: the forward's, or nullptr (w = 1)
+                        const acc_t<T>* bias,              // (C,) kRecompute: the forward's, or nullptr (b = 0)
                         const Tiling tiling,               // the grid's cover of (N, C, L)
                         const GradPartials<acc_t<T>> out)  // written: (S, C) partial sums
 {
@@ -82,14 +86,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   A mu[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) mu[k] = tile.channel_ok ? mean[tile.c + k] : A(0);
+  Coefficients<A, K> forward{};
+  if constexpr (kRecompute) forward = forward_coefficients<K>(mean, invstd, weight, bias, tile);
 
   GradSums<A, K> acc = empty<GradSums<A, K>>();
   // Along C, compiled once: a second copy for whole steps spills registers (8 channels a thread, sm_80).
   for_each_step<U, /*kWholeSteps=*/!kAlongC>(tile, [&](int64_t n, int64_t i, auto count) {
     Vec<T, VEC> gz[U], x[U];
-    load_gz(grad_output, g_view, relu_output, out_view, tile, n, i, count, gz);
-    if (grad_residual) store_step(grad_residual, gr_view, tile, n, i, count, gz);
-    load_step(input, in_view, tile, n, i, count, x);
+    load_gz_and_x<kRecompute>(grad_output, g_view, input, in_view, relu_output, out_view, grad_residual, gr_view,
+                              forward, tile, n, i, count, gz, x);
     add_grad_step(acc, gz, x, mu, count);
   });
   acc = block_merge(acc, channel_groups<kAlongC>());
@@ -98,8 +103,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
 
 // Backward, elementwise. Each block merges its channels' partial sums, its split-0 block writes
 // grad_weight / grad_bias, then over its split writes grad_input (see GradCoefficients) and
-// grad_residual = gz.
-template <typename T, typename P, bool kAlongC, int VEC>
+// grad_residual = gz. kRecompute: the ReLU mask is recomputed from x, as in bn_grad_sums_kernel.
+template <typename T, typename P, bool kAlongC, int VEC, bool kRecompute>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
     bn_backward_kernel(const BackwardParams<T, P> p,  // tensors and scalars, see BackwardParams
                        const Tiling tiling)           // the grid's cover of (N, C, L)
@@ -117,13 +122,21 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
   const GradCoefficients<A, K> co = grad_coefficients(p, tile, groups, sums);
   if (!tile.channel_ok || (!p.grad_input && !p.grad_residual)) return;
   const bool read_x = p.grad_input && p.training;
+  Coefficients<A, K> forward{};
+  if constexpr (kRecompute) forward = forward_coefficients<K>(p.mean, p.invstd, p.weight, p.bias, tile);
 
   for_each_step<U>(tile, [&](int64_t n, int64_t i, auto count) {
     Vec<T, VEC> gz[U], x[U] = {};
-    load_gz(p.grad_output, p.g_view, p.relu_output, p.out_view, tile, n, i, count, gz);
+    if constexpr (kRecompute) {
+      load_step(p.input, p.in_view, tile, n, i, count, x);  // the mask's, read whatever read_x says
+      load_step(p.grad_output, p.g_view, tile, n, i, count, gz);
+      mask_recomputed(gz, x, forward);
+    } else {
+      load_gz(p.grad_output, p.g_view, p.relu_output, p.out_view, tile, n, i, count, gz);
+    }
     if (p.grad_residual) store_step(p.grad_residual, p.gr_view, tile, n, i, count, gz);
     if (!p.grad_input) return;  // to the next step
-    if (read_x) load_step(p.input, p.in_view, tile, n, i, count, x);
+    if (read_x && !kRecompute) load_step(p.input, p.in_view, tile, n, i, count, x);
     grad_input_step(gz, x, co, p.training);
     store_step(p.grad_input, p.gi_view, tile, n, i, count, x);
   });

@@ -136,9 +136,11 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_ba
   check_input(input);
   Runtime::check_device(input);
   check_like_input(grad_output, input, "grad_output");
-  TORCH_CHECK(!relu || output, "the cuda backend's bn_backward reads the ReLU mask from output and cannot "
-              "recompute it: pass output (required when relu=True)");
-  if (relu) check_like_input(*output, input, "output");
+  TORCH_CHECK(!relu || output || cuda::bn_backward_recomputes_relu_mask(to_cuda_dtype(input.scalar_type())),
+              "the cuda backend's bn_backward reads the ReLU mask from output and cannot recompute it in ",
+              input.scalar_type(), " (its recomputing kernels spill registers in 16 bits): pass output "
+              "(required when relu=True)");
+  if (relu && output) check_like_input(*output, input, "output");
   check_stats(mean, input, "mean");
   check_stats(invstd, input, "invstd");
   // grad_weight / grad_bias take the parameters' dtype, or the statistics dtype without any.
@@ -164,11 +166,12 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor> bn_ba
   args.grad_output_view = view3d(grad_output, "grad_output");
   args.input = input.const_data_ptr();
   args.input_view = view3d(input, "input");
-  if (relu) {
+  if (relu && output) {
     args.output = output->const_data_ptr();
     args.output_view = view3d(*output, "output");
   }
   args.weight = data_of(weight);
+  args.bias = data_of(bias);
   args.mean = mean.const_data_ptr();
   args.invstd = invstd.const_data_ptr();
   if (want_input) {

@@ -172,3 +172,6 @@ inline cudaError_t cudaMemsetAsync(void* dst, int value, std::size_t bytes, cuda
 // CUDA's rsqrtf is approximate (2 ulp); the emulation computes it exactly, which the tolerances
 // of the tests cover either way.
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// Fused multiply-adds, rounded once to nearest even, as on the GPU: the same bits.
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
