@@ -22,8 +22,10 @@ from pathlib import Path
 from .cli import DTYPES, comma_list, shape_arg
 
 ROOT = Path(__file__).resolve().parent.parent
-# bwd_relu: the backward of the fwd_bwd_relu benchmark (no residual), bwd_add_relu: with one.
-OPS = ("fwd_relu", "fwd_add_relu", "eval_relu", "bwd_relu", "bwd_add_relu")
+# bwd_relu: the backward of the fwd_bwd_relu benchmark (no residual), its ReLU mask recomputed
+# from x; bwd_relu_read_mask: the same, the mask read from the output (`--base .` sets the two
+# side by side in one build); bwd_add_relu: with a residual.
+OPS = ("fwd_relu", "fwd_add_relu", "eval_relu", "bwd_relu", "bwd_relu_read_mask", "bwd_add_relu")
 
 
 def _child(build: Path, cases, dtype_name: str, ops_timed, calls: int) -> dict:
@@ -77,6 +79,8 @@ def _child(build: Path, cases, dtype_name: str, ops_timed, calls: int) -> dict:
             "eval_relu": lambda: ops.bn_forward_eval(x, w, b, None, rm, rv, 1e-5, True),
             # output None: the mask recomputed from x, as autograd asks after a forward without residual
             "bwd_relu": lambda: ops.bn_backward(g, x, None, w, b, mean, invstd, True, True, [True, True, True, False]),
+            "bwd_relu_read_mask": lambda: ops.bn_backward(g, x, y, w, b, mean, invstd, True, True,
+                                                          [True, True, True, False]),
             "bwd_add_relu": lambda: ops.bn_backward(g, x, y, w, b, mean, invstd, True, True, [True] * 4),
         }
         out[_case_name(shape, layout)] = {op: quantile_ms(calls_of[op]) for op in ops_timed}
@@ -124,12 +128,12 @@ def main(argv=None):
                     best[case, op, build] = min(ms, best.get((case, op, build), float("inf")))
     print(f"ops side by side, {args.dtype}, {args.rounds} rounds of {args.calls} calls (10th percentile, best "
           f"round): base {builds['base']} ({_commit(builds['base'])}), new {ROOT} ({_commit(ROOT)})")
-    print(f"{'case':<26} {'op':<13} {'base ms':>8} {'new ms':>8} {'new/base':>8}")
+    print(f"{'case':<26} {'op':<18} {'base ms':>8} {'new ms':>8} {'new/base':>8}")
     for shape, layout in cases:
         case = _case_name(shape, layout)
         for op in args.op:
             base, new = best[case, op, "base"], best[case, op, "new"]
-            print(f"{case:<26} {op:<13} {base:>8.3f} {new:>8.3f} {new / base:>8.2f}")
+            print(f"{case:<26} {op:<18} {base:>8.3f} {new:>8.3f} {new / base:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@
 # cut with SIGINT, so pytest still prints what passed), the DRAM-traffic check
 # (bench/dram.py, under ncu; then again for the channels_last kernels with the rows
 # they had before: CNNKERN_CUDA_ROW_BYTES=32, CNNKERN_TRITON_MERGE_LAUNCH=0) DRAM_BUDGET (default 60), the
-# host time per call of each layer (bench/host.py) HOST_BUDGET (default 20), the
-# benchmark what is left; it saves its JSON after every case, so a stage cut short
+# host time per call of each layer (bench/host.py) HOST_BUDGET (default 20), the cuda
+# backward's ReLU mask recomputed from x against read from the output (bench/ab.py, float32)
+# AB_BUDGET (default 40), the benchmark what is left; it saves its JSON after every case, so a stage cut short
 # still leaves what it measured.
 # The extension is built for this GPU's architecture only, unless TORCH_CUDA_ARCH_LIST
 # says otherwise.
@@ -66,8 +67,9 @@ fi
 
 dram_budget=${DRAM_BUDGET:-60}
 host_budget=${HOST_BUDGET:-20}
+ab_budget=${AB_BUDGET:-40}
 stage "benchmark"
-left=$(( ${BUDGET:-520} - (SECONDS - start) - dram_budget - host_budget - 10 ))
+left=$(( ${BUDGET:-520} - (SECONDS - start) - dram_budget - host_budget - ab_budget - 10 ))
 timeout "$left" python3 -m bench --out "$out" --no-plot "${bench_args[@]}" > "$out/bench.log" 2>&1
 echo "bench exit $? (124: cut at $left s)"
 grep -v "^\[" "$out/bench.log" | tail -60
@@ -77,6 +79,14 @@ if [ "$host_budget" -gt 0 ]; then
   timeout "$host_budget" python3 -m bench.host --calls 1000 > "$out/host.log" 2>&1
   echo "host exit $? (124: cut at $host_budget s)"
   cat "$out/host.log"
+fi
+
+if [ "$ab_budget" -gt 0 ]; then
+  stage "ReLU mask: recomputed against read"
+  timeout "$ab_budget" python3 -m bench.ab --base . --shape 128,256,56,56 --layout nchw,channels_last --dtype fp32 \
+    --op bwd_relu,bwd_relu_read_mask --rounds 2 --calls 40 > "$out/mask_ab.log" 2>&1
+  echo "ab exit $? (124: cut at $ab_budget s)"
+  cat "$out/mask_ab.log"
 fi
 
 if [ "$dram_budget" -gt 0 ]; then
