@@ -280,6 +280,46 @@ def test_cpu_float16_staged(case, training):
     run_and_compare("cpu", "cpu", x, training=training, operands_like_input=like_input)
 
 
+# The float16 forwards of `cases` (a list of (x, weight, bias, residual, running_mean,
+# running_var)): training then eval outputs of each, with ReLU, into the file argv[2].
+_FLOAT16_FORWARDS = r"""
+import sys, torch, cnnkern
+ops, outputs = torch.ops.cnnkern, []
+for x, w, b, r, rm, rv in torch.load(sys.argv[1]):
+    outputs.append(ops.bn_forward_train(x, w, b, r, rm.clone(), rv.clone(), 0.1, 1e-5, True)[0])
+    outputs.append(ops.bn_forward_eval(x, w, b, r, rm, rv, 1e-5, True))
+torch.save(outputs, sys.argv[2])
+"""
+
+
+def test_cpu_float16_normalize_in_registers(tmp_path):
+    """Where the CPU has F16C, the forwards' normalize pass converts float16 in registers
+    (normalize_halves_f16c), 8 values a step; the portable loops (CNNKERN_CPU_F16C=0, in a
+    subprocess) convert a chunk at a time into float buffers. Both must give the same bits:
+    every line shape of FLOAT16_STAGED, a channel slice, with and without a residual."""
+    require("cpu", "cpu", torch.float16)
+    if not _cpu_has_f16c() or os.environ.get("CNNKERN_CPU_F16C") == "0":
+        pytest.skip("no F16C here: the portable loops are all there is")
+    cases = []
+    for (shape, layout, _), residual in itertools.product(FLOAT16_STAGED.values(), (False, True)):
+        for layout in (layout, "slice_cl" if layout == "channels_last" else "slice"):
+            x = make_input(shape, torch.float16, "cpu", layout, mean=0.3)
+            C = shape[1]
+            r = torch.randn_like(x) if residual else None
+            cases.append((x, torch.rand(C) + 0.5, torch.randn(C), r, torch.randn(C), torch.rand(C) + 0.5))
+    torch.save(cases, tmp_path / "in.pt")
+    env = dict(os.environ, CNNKERN_CPU_F16C="0")
+    done = subprocess.run([sys.executable, "-c", _FLOAT16_FORWARDS, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    portable = torch.load(tmp_path / "out.pt")
+    done = subprocess.run([sys.executable, "-c", _FLOAT16_FORWARDS, str(tmp_path / "in.pt"), str(tmp_path / "f16c.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for i, (ours, theirs) in enumerate(zip(torch.load(tmp_path / "f16c.pt"), portable)):
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), f"case {i // 2}, {('train', 'eval')[i % 2]}"
+
+
 def _cpu_has_f16c() -> bool:
     if platform.machine() not in ("x86_64", "AMD64"):
         return False

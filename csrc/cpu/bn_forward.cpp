@@ -73,6 +73,43 @@ std::vector<at::opmath_type<scalar_t>> shift_values(const Strided3d& v, const sc
   return shifts;
 }
 
+#ifdef CNNKERN_F16C
+// A float16 line of the normalize pass, 8 values a step converted in registers (F16C), where the
+// staged loop (csrc/cpu/stage.h) converts a chunk into a float buffer, runs the loop over it and
+// converts back: the same arithmetic in the same order, rounded the same way (to nearest even),
+// so the same bits, in one pass over the line instead of three. kPerElement: mean, scale and
+// shift are arrays along the line (channels_last, flat lines); else one channel's values.
+// Unrolled by 4, as the staged conversions are (csrc/cpu/element_cast.h).
+template <bool kPerElement, bool kResidual, bool kRelu>
+__attribute__((target("avx,f16c"))) void normalize_halves_f16c(const c10::Half* x, const c10::Half* r, c10::Half* y,
+                                                              const float* mean, const float* scale,
+                                                              const float* shift, int64_t n) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t k = 0;
+#pragma GCC unroll 4
+  for (; k + 8 <= n; k += 8) {
+    const int64_t c = kPerElement ? k : 0;
+    const __m256 m = kPerElement ? _mm256_loadu_ps(mean + c) : _mm256_broadcast_ss(mean);
+    const __m256 s = kPerElement ? _mm256_loadu_ps(scale + c) : _mm256_broadcast_ss(scale);
+    const __m256 b = kPerElement ? _mm256_loadu_ps(shift + c) : _mm256_broadcast_ss(shift);
+    const __m256 xs = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(xs, m), s), b);  // normalized(), unfused
+    if constexpr (kResidual) {
+      v = _mm256_add_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k))));
+    }
+    if constexpr (kRelu) v = _mm256_max_ps(zero, v);  // NaN stays NaN, as std::max(v, 0)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + k), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; k < n; ++k) {
+    const int64_t c = kPerElement ? k : 0;
+    float v = normalized(_cvtsh_ss(x[k].x), mean[c], scale[c], shift[c]);
+    if constexpr (kResidual) v += _cvtsh_ss(r[k].x);
+    if constexpr (kRelu) v = std::max(v, 0.0f);
+    y[k] = c10::Half(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT), c10::Half::from_bits());
+  }
+}
+#endif
+
 // The normalize pass of both forwards: output = act((x - mean) * scale + shift + r).
 template <typename scalar_t>
 void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residual, bool relu,
@@ -94,6 +131,23 @@ void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residua
         const auto Mean = w.per_channel<CS>(affine.mean.data());
         const auto Scale = w.per_channel<CS>(affine.scale.data());
         const auto Shift = w.per_channel<CS>(affine.shift.data());
+#ifdef CNNKERN_F16C
+        if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>) {
+          if (use_f16c()) {
+            constexpr bool kPerElement = std::is_same_v<CS, Unit>;
+            at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) {
+              w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
+                const int64_t c0 = kPerElement ? k0 : 0;
+                normalize_halves_f16c<kPerElement, kResidual, kRelu>(
+                    X.line(n, j).p + k0, kResidual ? R.line(n, j).p + k0 : nullptr, Y.line(n, j).p + k0,
+                    Mean.line(n, j).p + c0,
+                    Scale.line(n, j).p + c0, Shift.line(n, j).p + c0, k1 - k0);
+              });
+            });
+            return;
+          }
+        }
+#endif
         for_each_element<StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j, auto& stage) {
           return [x = stage.in(X.line(n, j)), r = stage.in(R.line(n, j)), y = stage.out(Y.line(n, j)),
                   mean = Mean.line(n, j), scale = Scale.line(n, j), shift = Shift.line(n, j)](int64_t k) {

@@ -1,4 +1,5 @@
-// Staged line loops for float16 (used by the passes of bn_lines.h): a loop over elements
+// Staged line loops for float16 (used by the passes of bn_lines.h; the forwards' normalize pass
+// converts in registers instead where the CPU has F16C, bn_forward.cpp): a loop over elements
 // [k0, k1) of some lines runs a chunk of them at a time, its float16 lines read from and
 // written to float buffers that are converted a chunk at a time (halves_to_floats and
 // floats_to_halves, F16C where the CPU has it). Element by element, the conversions took most
