@@ -280,23 +280,32 @@ def test_cpu_float16_staged(case, training):
     run_and_compare("cpu", "cpu", x, training=training, operands_like_input=like_input)
 
 
-# The float16 forwards of `cases` (a list of (x, weight, bias, residual, running_mean,
-# running_var)): training then eval outputs of each, with ReLU, into the file argv[2].
-_FLOAT16_FORWARDS = r"""
+# The float16 calls of `cases` (a list of (x, weight, bias, residual, running_mean, running_var,
+# grad_output)) whose elementwise passes convert in registers where the CPU has F16C: the
+# forwards, training and eval, and backward passes with the ReLU mask from the output, recomputed
+# or absent, training and eval, with grad_residual or not. Every output into the file argv[2].
+_FLOAT16_CALLS = r"""
 import sys, torch, cnnkern
 ops, outputs = torch.ops.cnnkern, []
-for x, w, b, r, rm, rv in torch.load(sys.argv[1]):
-    outputs.append(ops.bn_forward_train(x, w, b, r, rm.clone(), rv.clone(), 0.1, 1e-5, True)[0])
-    outputs.append(ops.bn_forward_eval(x, w, b, r, rm, rv, 1e-5, True))
+for x, w, b, r, rm, rv, g in torch.load(sys.argv[1]):
+    y, mean, invstd = ops.bn_forward_train(x, w, b, r, rm.clone(), rv.clone(), 0.1, 1e-5, True)
+    outputs += [y, ops.bn_forward_eval(x, w, b, r, rm, rv, 1e-5, True)]
+    mask = None if r is None else y  # a forward with a residual: the mask from the output only
+    for output, training, relu, wanted in [(y, True, True, [True] * 4), (mask, True, True, [True, True, True, False]),
+                                           (mask, False, True, [True, False, False, True]),
+                                           (None, False, False, [True, True, True, False])]:
+        outputs += [t for t in ops.bn_backward(g, x, output, w, b, mean, invstd, training, relu, wanted)
+                    if t is not None]
 torch.save(outputs, sys.argv[2])
 """
 
 
-def test_cpu_float16_normalize_in_registers(tmp_path):
-    """Where the CPU has F16C, the forwards' normalize pass converts float16 in registers
-    (normalize_halves_f16c), 8 values a step; the portable loops (CNNKERN_CPU_F16C=0, in a
-    subprocess) convert a chunk at a time into float buffers. Both must give the same bits:
-    every line shape of FLOAT16_STAGED, a channel slice, with and without a residual."""
+def test_cpu_float16_in_registers(tmp_path):
+    """Where the CPU has F16C, the elementwise passes (the forwards' normalize, the backward's
+    grad_input and grad_residual) convert float16 in registers, 8 values a step; the portable
+    loops (CNNKERN_CPU_F16C=0, in a subprocess) convert a chunk at a time into float buffers.
+    Both must give the same bits: every line shape of FLOAT16_STAGED and a channel slice of
+    each, with and without a residual."""
     require("cpu", "cpu", torch.float16)
     if not _cpu_has_f16c() or os.environ.get("CNNKERN_CPU_F16C") == "0":
         pytest.skip("no F16C here: the portable loops are all there is")
@@ -306,18 +315,19 @@ def test_cpu_float16_normalize_in_registers(tmp_path):
             x = make_input(shape, torch.float16, "cpu", layout, mean=0.3)
             C = shape[1]
             r = torch.randn_like(x) if residual else None
-            cases.append((x, torch.rand(C) + 0.5, torch.randn(C), r, torch.randn(C), torch.rand(C) + 0.5))
+            cases.append((x, torch.rand(C) + 0.5, torch.randn(C), r, torch.randn(C), torch.rand(C) + 0.5,
+                          torch.randn_like(x)))
     torch.save(cases, tmp_path / "in.pt")
-    env = dict(os.environ, CNNKERN_CPU_F16C="0")
-    done = subprocess.run([sys.executable, "-c", _FLOAT16_FORWARDS, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                          capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    portable = torch.load(tmp_path / "out.pt")
-    done = subprocess.run([sys.executable, "-c", _FLOAT16_FORWARDS, str(tmp_path / "in.pt"), str(tmp_path / "f16c.pt")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    for i, (ours, theirs) in enumerate(zip(torch.load(tmp_path / "f16c.pt"), portable)):
-        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), f"case {i // 2}, {('train', 'eval')[i % 2]}"
+    results = {}
+    for name, env in (("portable", dict(os.environ, CNNKERN_CPU_F16C="0")), ("f16c", dict(os.environ))):
+        out = tmp_path / f"{name}.pt"
+        done = subprocess.run([sys.executable, "-c", _FLOAT16_CALLS, str(tmp_path / "in.pt"), str(out)],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[name] = torch.load(out)
+    assert len(results["f16c"]) == len(results["portable"]) > len(cases) * 10
+    for i, (ours, theirs) in enumerate(zip(results["f16c"], results["portable"])):
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), f"output {i}"
 
 
 def _cpu_has_f16c() -> bool:

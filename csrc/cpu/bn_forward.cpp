@@ -88,24 +88,19 @@ __attribute__((target("avx,f16c"))) void normalize_halves_f16c(const c10::Half* 
   int64_t k = 0;
 #pragma GCC unroll 4
   for (; k + 8 <= n; k += 8) {
-    const int64_t c = kPerElement ? k : 0;
-    const __m256 m = kPerElement ? _mm256_loadu_ps(mean + c) : _mm256_broadcast_ss(mean);
-    const __m256 s = kPerElement ? _mm256_loadu_ps(scale + c) : _mm256_broadcast_ss(scale);
-    const __m256 b = kPerElement ? _mm256_loadu_ps(shift + c) : _mm256_broadcast_ss(shift);
-    const __m256 xs = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(xs, m), s), b);  // normalized(), unfused
-    if constexpr (kResidual) {
-      v = _mm256_add_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k))));
-    }
+    const __m256 m = channel_values8<kPerElement>(mean, k), s = channel_values8<kPerElement>(scale, k);
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load_halves8(x + k), m), s),
+                             channel_values8<kPerElement>(shift, k));  // normalized(), unfused
+    if constexpr (kResidual) v = _mm256_add_ps(v, load_halves8(r + k));
     if constexpr (kRelu) v = _mm256_max_ps(zero, v);  // NaN stays NaN, as std::max(v, 0)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + k), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    store_halves8(y + k, v);
   }
   for (; k < n; ++k) {
     const int64_t c = kPerElement ? k : 0;
     float v = normalized(_cvtsh_ss(x[k].x), mean[c], scale[c], shift[c]);
     if constexpr (kResidual) v += _cvtsh_ss(r[k].x);
     if constexpr (kRelu) v = std::max(v, 0.0f);
-    y[k] = c10::Half(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT), c10::Half::from_bits());
+    y[k] = half_of(v);
   }
 }
 #endif
@@ -132,20 +127,14 @@ void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residua
         const auto Scale = w.per_channel<CS>(affine.scale.data());
         const auto Shift = w.per_channel<CS>(affine.shift.data());
 #ifdef CNNKERN_F16C
-        if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>) {
-          if (use_f16c()) {
-            constexpr bool kPerElement = std::is_same_v<CS, Unit>;
-            at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) {
-              w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-                const int64_t c0 = kPerElement ? k0 : 0;
-                normalize_halves_f16c<kPerElement, kResidual, kRelu>(
-                    X.line(n, j).p + k0, kResidual ? R.line(n, j).p + k0 : nullptr, Y.line(n, j).p + k0,
-                    Mean.line(n, j).p + c0,
-                    Scale.line(n, j).p + c0, Shift.line(n, j).p + c0, k1 - k0);
-              });
-            });
-            return;
-          }
+        constexpr bool kPerElement = std::is_same_v<CS, Unit>;  // per-channel arrays along the lines
+        if (for_f16c_segments<scalar_t, TS>(w, [&](auto n, auto j, int64_t k0, int64_t k1) {
+              const int64_t c0 = kPerElement ? k0 : 0;
+              normalize_halves_f16c<kPerElement, kResidual, kRelu>(
+                  X.line(n, j).p + k0, kResidual ? R.line(n, j).p + k0 : nullptr, Y.line(n, j).p + k0,
+                  Mean.line(n, j).p + c0, Scale.line(n, j).p + c0, Shift.line(n, j).p + c0, k1 - k0);
+            })) {
+          return;
         }
 #endif
         for_each_element<StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j, auto& stage) {

@@ -380,6 +380,24 @@ void for_each_element(const Walk& w, const LineFn& line_fn) {
                    [&](int64_t begin, int64_t end) { apply_segments<St>(w, begin, end, line_fn); });
 }
 
+#ifdef CNNKERN_F16C
+// Where the pass's lines are float16 of unit stride (TS) and the CPU has F16C, calls
+// segment(n, j, k0, k1) for every segment, in parallel, and returns true; else returns false,
+// having called nothing. The elementwise passes whose float16 loops convert in registers
+// (csrc/cpu/element_cast.h) take it before their staged loop. `segment` is a generic lambda:
+// instantiated for float16 lines only.
+template <typename scalar_t, typename TS, typename F>
+bool for_f16c_segments(const Walk& w, const F& segment) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>) {
+    if (use_f16c()) {
+      at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) { w.for_segments(begin, end, segment); });
+      return true;
+    }
+  }
+  return false;
+}
+#endif
+
 // Along L, the partial sums of a segment: kLanes per quantity, in independent
 // vector registers, so that the adds pipeline instead of each waiting on the last.
 constexpr int64_t kLanes = 16;

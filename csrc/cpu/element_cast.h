@@ -73,6 +73,25 @@ __attribute__((target("avx,f16c"))) inline void floats_to_halves_f16c(const floa
   }
   for (; i < n; ++i) dst[i] = c10::Half(_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT), c10::Half::from_bits());
 }
+
+// 8 float16 values at p as floats, and 8 floats stored at p as float16 (to nearest even): the
+// steps of the loops that convert in registers (bn_forward.cpp, bn_backward.cpp).
+__attribute__((target("avx,f16c"))) inline __m256 load_halves8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx,f16c"))) inline void store_halves8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+__attribute__((target("f16c"))) inline c10::Half half_of(float v) {
+  return c10::Half(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT), c10::Half::from_bits());
+}
+
+// The per-channel values of 8 elements from k on: an array along the line (kPerElement), or the
+// line's one channel's value.
+template <bool kPerElement>
+__attribute__((target("avx"))) inline __m256 channel_values8(const float* p, int64_t k) {
+  return kPerElement ? _mm256_loadu_ps(p + k) : _mm256_broadcast_ss(p);
+}
 #endif
 
 // Whether the run conversions use F16C: where the CPU has it, unless CNNKERN_CPU_F16C=0
