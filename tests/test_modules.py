@@ -72,23 +72,26 @@ def test_module_is_a_torch_batchnorm():
     assert "activation='relu'" in repr(m)
 
 
+class _Block(torch.nn.Module):
+    """conv + fused BN + add + ReLU, on `backend`: what the compile and export tests trace."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = cnnkern.nn.BatchNorm2d(4, activation="relu", backend=backend)
+
+    def forward(self, x):
+        return self.bn(self.conv(x), residual=x)
+
+
 @pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
 def test_compile_fullgraph(backend, device):
     """torch.compile(fullgraph=True) over conv + fused BN + add + ReLU: no graph
     break, same outputs, gradients and running stats as eager."""
     require(backend, device, torch.float32)
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
-            self.bn = cnnkern.nn.BatchNorm2d(4, activation="relu", backend=backend)
-
-        def forward(self, x):
-            return self.bn(self.conv(x), residual=x)
-
-    eager = Block().to(device)
-    compiled_model = Block().to(device)
+    eager = _Block(backend).to(device)
+    compiled_model = _Block(backend).to(device)
     compiled_model.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     compiled = torch.compile(compiled_model, fullgraph=True)
@@ -109,16 +112,7 @@ def test_export(backend, device, strict, training):
     outputs and, in training, updates the running stats and num_batches_tracked as eager does."""
     require(backend, device, torch.float32)
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
-            self.bn = cnnkern.nn.BatchNorm2d(4, activation="relu", backend=backend)
-
-        def forward(self, x):
-            return self.bn(self.conv(x), residual=x)
-
-    eager = Block().to(device).train(training)
+    eager = _Block(backend).to(device).train(training)
     with torch.no_grad():
         eager.bn.running_mean.normal_()
         eager.bn.running_var.uniform_(0.5, 1.5)

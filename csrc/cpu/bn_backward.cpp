@@ -43,7 +43,7 @@ __attribute__((target("avx,f16c"))) void grad_halves_f16c(const c10::Half* g, co
                                                          c10::Half* dx, c10::Half* dr, const float* mean,
                                                          const float* scale, const float* shift,
                                                          const float* mean_gz, const float* proj, int64_t n) {
-  const __m256 zero = _mm256_setzero_ps(), stored_zero = _mm256_set1_ps(0x1p-25f);  // stored_positive<Half>
+  const __m256 zero = _mm256_setzero_ps(), stored_zero = _mm256_set1_ps(kHalfStoredZero);  // stored_positive<Half>
   int64_t k = 0;
 #pragma GCC unroll 2  // half the forward's 4: a step holds up to 8 vectors (not tuned)
   for (; k + 8 <= n; k += 8) {

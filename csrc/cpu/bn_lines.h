@@ -676,12 +676,16 @@ acc_t normalized(acc_t x, acc_t mean, acc_t scale, acc_t shift) {
   return (x - mean) * scale + shift;
 }
 
+// The largest float that float16 stores as 0: half its smallest subnormal (2^-24), the tie
+// rounding to even.
+constexpr float kHalfStoredZero = 0x1p-25f;
+
 // Whether `v` is still > 0 once stored as scalar_t: float16 and bfloat16 round positive
 // values up to half their smallest subnormal (2^-24, 2^-133) to 0, ties to even included.
 template <typename scalar_t, typename acc_t>
 bool stored_positive(acc_t v) {
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return v > 0x1p-25f;
+    return v > kHalfStoredZero;
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     return v > 0x1p-134f;
   } else {
