@@ -266,6 +266,7 @@ FLOAT16_STAGED = {
     "cl-long": ((3, 1100, 2, 3), "channels_last", True),
     "nchw-short": ((9, 70, 5, 5), "nchw", True),
     "cl-mixed": ((3, 1100, 2, 3), "channels_last", False),
+    "cl-runs": ((4, 24, 5, 7), "channels_last", True),  # runs of 7 positions (Walk::position_runs)
 }
 
 
@@ -289,7 +290,7 @@ import sys, torch, cnnkern
 ops, outputs = torch.ops.cnnkern, []
 for x, w, b, r, rm, rv, g in torch.load(sys.argv[1]):
     y, mean, invstd = ops.bn_forward_train(x, w, b, r, rm.clone(), rv.clone(), 0.1, 1e-5, True)
-    outputs += [y, ops.bn_forward_eval(x, w, b, r, rm, rv, 1e-5, True)]
+    outputs += [y, mean, invstd, ops.bn_forward_eval(x, w, b, r, rm, rv, 1e-5, True)]
     mask = None if r is None else y  # a forward with a residual: the mask from the output only
     for output, training, relu, wanted in [(y, True, True, [True] * 4), (mask, True, True, [True, True, True, False]),
                                            (mask, False, True, [True, False, False, True]),
@@ -301,11 +302,13 @@ torch.save(outputs, sys.argv[2])
 
 
 def test_cpu_float16_in_registers(tmp_path):
-    """Where the CPU has F16C, the elementwise passes (the forwards' normalize, the backward's
-    grad_input and grad_residual) convert float16 in registers, 8 values a step; the portable
-    loops (CNNKERN_CPU_F16C=0, in a subprocess) convert a chunk at a time into float buffers.
-    Both must give the same bits: every line shape of FLOAT16_STAGED and a channel slice of
-    each, with and without a residual."""
+    """Where the CPU has F16C, the float16 passes convert in registers, 8 values a step: the
+    reductions (the forward's statistics, the backward's sums) and the elementwise passes (the
+    forwards' normalize, the backward's grad_input and grad_residual); the portable loops
+    (CNNKERN_CPU_F16C=0, in a subprocess) convert a chunk at a time into float buffers. Both
+    must give the same bits: every line shape of FLOAT16_STAGED and a channel slice of each,
+    with and without a residual. The inputs' magnitudes spread over 2^-6 to 2^6, so that sums
+    of float16 values round in float32 and a sum taken in another order shows."""
     require("cpu", "cpu", torch.float16)
     if not _cpu_has_f16c() or os.environ.get("CNNKERN_CPU_F16C") == "0":
         pytest.skip("no F16C here: the portable loops are all there is")
@@ -313,6 +316,7 @@ def test_cpu_float16_in_registers(tmp_path):
     for (shape, layout, _), residual in itertools.product(FLOAT16_STAGED.values(), (False, True)):
         for layout in (layout, "slice_cl" if layout == "channels_last" else "slice"):
             x = make_input(shape, torch.float16, "cpu", layout, mean=0.3)
+            x.mul_(torch.exp2(torch.randint(-6, 7, x.shape)).half())  # in place: x keeps its strides
             C = shape[1]
             r = torch.randn_like(x) if residual else None
             cases.append((x, torch.rand(C) + 0.5, torch.randn(C), r, torch.randn(C), torch.rand(C) + 0.5,

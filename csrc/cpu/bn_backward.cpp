@@ -33,58 +33,50 @@ struct GradCoeffs {
   std::vector<acc_t> mean_gz, proj;
 };
 
-#ifdef CNNKERN_F16C
-// A float16 line of the elementwise pass, 8 values a step converted in registers (F16C), as the
-// forwards' normalize_halves_f16c: relu_grad and the grad_input formula below in the same order
-// and rounding, so the same bits as the staged loop. kPerElement: the per-channel values are
-// arrays along the line (channels_last, flat lines); else one channel's values.
-template <Mask kMask, bool kTraining, bool kInput, bool kResidual, bool kPerElement>
-__attribute__((target("avx,f16c"))) void grad_halves_f16c(const c10::Half* g, const c10::Half* x, const c10::Half* y,
-                                                         c10::Half* dx, c10::Half* dr, const float* mean,
-                                                         const float* scale, const float* shift,
-                                                         const float* mean_gz, const float* proj, int64_t n) {
-  const __m256 zero = _mm256_setzero_ps(), stored_zero = _mm256_set1_ps(kHalfStoredZero);  // stored_positive<Half>
-  int64_t k = 0;
-#pragma GCC unroll 2  // half the forward's 4: a step holds up to 8 vectors (not tuned)
-  for (; k + 8 <= n; k += 8) {
-    __m256 gz = load_halves8(g + k);
-    __m256 xs = zero;
-    if constexpr (kMask == Mask::kRecomputed || (kInput && kTraining)) xs = load_halves8(x + k);
-    if constexpr (kMask == Mask::kOutput) {
-      gz = _mm256_and_ps(_mm256_cmp_ps(load_halves8(y + k), zero, _CMP_GT_OQ), gz);
-    } else if constexpr (kMask == Mask::kRecomputed) {
-      const __m256 centered = _mm256_sub_ps(xs, channel_values8<kPerElement>(mean, k));
-      const __m256 v = _mm256_add_ps(_mm256_mul_ps(centered, channel_values8<kPerElement>(scale, k)),
-                                     channel_values8<kPerElement>(shift, k));  // normalized(), unfused
-      gz = _mm256_and_ps(_mm256_cmp_ps(v, stored_zero, _CMP_GT_OQ), gz);
+// Element k of a line of the elementwise pass: grad_input where kInput, grad_residual (= gz)
+// where kResidual. eight(k): elements k to k + 7, for float16 lines that convert in registers
+// (csrc/cpu/in_registers.h).
+template <Mask kMask, bool kTraining, bool kInput, bool kResidual, typename scalar_t, typename In, typename Out,
+          typename P>
+struct GradElement {
+  using acc_t = at::opmath_type<scalar_t>;
+  In g, x, y;                           // grad_output's, input's and output's lines
+  Out dx, dr;                           // grad_input's and grad_residual's
+  P mean, scale, shift, mean_gz, proj;  // the line's channels' GradCoeffs
+  void operator()(int64_t k) const {
+    const acc_t gz = relu_grad<kMask, scalar_t, acc_t>(g, y, x, mean, scale, shift, k);
+    if constexpr (kInput) {
+      if constexpr (kTraining) {
+        store(dx, k, (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
+      } else {
+        store(dx, k, gz * scale[k]);
+      }
     }
+    if constexpr (kResidual) store(dr, k, gz);
+  }
+#ifdef CNNKERN_F16C
+  CNNKERN_F16C_TARGET void eight(int64_t k) const {
+    const __m256 gz = relu_grad8<kMask>(g, y, x, mean, scale, shift, k);
     if constexpr (kInput) {
       __m256 d = gz;
       if constexpr (kTraining) {
-        const __m256 centered = _mm256_sub_ps(xs, channel_values8<kPerElement>(mean, k));
-        d = _mm256_sub_ps(_mm256_sub_ps(gz, channel_values8<kPerElement>(mean_gz, k)),
-                          _mm256_mul_ps(centered, channel_values8<kPerElement>(proj, k)));
+        d = _mm256_sub_ps(_mm256_sub_ps(gz, load8(mean_gz, k)),
+                          _mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(proj, k)));
       }
-      store_halves8(dx + k, _mm256_mul_ps(d, channel_values8<kPerElement>(scale, k)));
+      store8(dx, k, _mm256_mul_ps(d, load8(scale, k)));
     }
-    if constexpr (kResidual) store_halves8(dr + k, gz);
+    if constexpr (kResidual) store8(dr, k, gz);
   }
-  for (; k < n; ++k) {
-    const int64_t c = kPerElement ? k : 0;
-    const float gk = _cvtsh_ss(g[k].x);
-    float gz = gk;
-    if constexpr (kMask == Mask::kOutput) gz = _cvtsh_ss(y[k].x) > 0.0f ? gk : 0.0f;
-    if constexpr (kMask == Mask::kRecomputed) {
-      gz = stored_positive<c10::Half>(normalized(_cvtsh_ss(x[k].x), mean[c], scale[c], shift[c])) ? gk : 0.0f;
-    }
-    if constexpr (kInput) {
-      const float d = kTraining ? gz - mean_gz[c] - (_cvtsh_ss(x[k].x) - mean[c]) * proj[c] : gz;
-      dx[k] = half_of(d * scale[c]);
-    }
-    if constexpr (kResidual) dr[k] = half_of(gz);
-  }
-}
 #endif
+};
+
+template <Mask kMask, bool kTraining, bool kInput, bool kResidual, typename scalar_t, typename In, typename Out,
+          typename P>
+GradElement<kMask, kTraining, kInput, kResidual, scalar_t, In, Out, P> grad_element(
+    const In& g, const In& x, const In& y, const Out& dx, const Out& dr, const P& mean, const P& scale,
+    const P& shift, const P& mean_gz, const P& proj) {
+  return {g, x, y, dx, dr, mean, scale, shift, mean_gz, proj};
+}
 
 // The elementwise pass of the backward: grad_input and/or grad_residual (= gz).
 template <typename scalar_t>
@@ -125,34 +117,11 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
             const auto Shift = w.per_channel<CS>(coeffs.affine.shift.data());
             const auto MeanGz = w.per_channel<CS>(coeffs.mean_gz.data());
             const auto Proj = w.per_channel<CS>(coeffs.proj.data());
-#ifdef CNNKERN_F16C
-            constexpr bool kPerElement = std::is_same_v<CS, Unit>;  // per-channel arrays along the lines
-            if (for_f16c_segments<scalar_t, TS>(w, [&](auto n, auto j, int64_t k0, int64_t k1) {
-                  const auto at = [k0](auto* p) { return p ? p + k0 : nullptr; };  // absent tensors stay null
-                  const int64_t c0 = kPerElement ? k0 : 0;
-                  grad_halves_f16c<kMask, kTraining, kInput, kResidual, kPerElement>(
-                      at(G.line(n, j).p), at(X.line(n, j).p), at(Y.line(n, j).p), at(DX.line(n, j).p),
-                      at(DR.line(n, j).p), Mean.line(n, j).p + c0, Scale.line(n, j).p + c0,
-                      Shift.line(n, j).p + c0, MeanGz.line(n, j).p + c0, Proj.line(n, j).p + c0, k1 - k0);
-                })) {
-              return;
-            }
-#endif
             for_each_element<StageFor<scalar_t, TS, kBackwardChunk>>(w, [&](int64_t n, int64_t j, auto& stage) {
-              return [g = stage.in(G.line(n, j)), x = stage.in(X.line(n, j)), y = stage.in(Y.line(n, j)),
-                      dx = stage.out(DX.line(n, j)), dr = stage.out(DR.line(n, j)), mean = Mean.line(n, j),
-                      scale = Scale.line(n, j), shift = Shift.line(n, j), mean_gz = MeanGz.line(n, j),
-                      proj = Proj.line(n, j)](int64_t k) {
-                const acc_t gz = relu_grad<kMask, scalar_t, acc_t>(g, y, x, mean, scale, shift, k);
-                if constexpr (kInput) {
-                  if constexpr (kTraining) {
-                    store(dx, k, (gz - mean_gz[k] - (static_cast<acc_t>(x[k]) - mean[k]) * proj[k]) * scale[k]);
-                  } else {
-                    store(dx, k, gz * scale[k]);
-                  }
-                }
-                if constexpr (kResidual) store(dr, k, gz);
-              };
+              return grad_element<kMask, kTraining, kInput, kResidual, scalar_t>(
+                  stage.in(G.line(n, j)), stage.in(X.line(n, j)), stage.in(Y.line(n, j)), stage.out(DX.line(n, j)),
+                  stage.out(DR.line(n, j)), Mean.line(n, j), Scale.line(n, j), Shift.line(n, j), MeanGz.line(n, j),
+                  Proj.line(n, j));
             });
           });
         });

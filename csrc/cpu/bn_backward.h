@@ -46,6 +46,25 @@ acc_t relu_grad(const G& g, const Y& y, const X& x, const P& mean, const P& scal
   }
 }
 
+#ifdef CNNKERN_F16C
+// relu_grad of elements k to k + 7 of float16 lines, converted in registers
+// (csrc/cpu/in_registers.h): the same bits.
+template <Mask kMask, typename In, typename P>
+CNNKERN_F16C_TARGET __m256 relu_grad8(const In& g, const In& y, const In& x, const P& mean, const P& scale,
+                                      const P& shift, int64_t k) {
+  const __m256 gk = load8(g, k);
+  if constexpr (kMask == Mask::kOutput) {
+    return _mm256_and_ps(_mm256_cmp_ps(load8(y, k), _mm256_setzero_ps(), _CMP_GT_OQ), gk);
+  } else if constexpr (kMask == Mask::kRecomputed) {
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(scale, k)),
+                                   load8(shift, k));  // normalized(), unfused
+    return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(kHalfStoredZero), _CMP_GT_OQ), gk);  // stored_positive
+  } else {
+    return gk;
+  }
+}
+#endif
+
 // Per channel of the walk: {sum gz for each, then sum gz * (x - mean) for each}, in double;
 // `affine` is the forward's (its scale and shift serve a recomputed mask only).
 // A defined grad_residual receives gz on the way (it is gz when relu): the

@@ -11,6 +11,40 @@
 
 namespace cnnkern::cpu {
 
+namespace {
+
+// Element k of a line of grad_sums: (gz, gz * (x - mean)), gz stored to grad_residual where
+// kResidual. eight(k): elements k to k + 7, for float16 lines that convert in registers
+// (csrc/cpu/in_registers.h).
+template <Mask kMask, bool kResidual, typename scalar_t, typename In, typename Out, typename P>
+struct GradSumsElement {
+  using acc_t = at::opmath_type<scalar_t>;
+  In g, x, y;            // grad_output's, input's and output's lines
+  Out dr;                // grad_residual's
+  P mean, scale, shift;  // the forward's affine
+  std::pair<acc_t, acc_t> operator()(int64_t k) const {
+    const acc_t gz = relu_grad<kMask, scalar_t, acc_t>(g, y, x, mean, scale, shift, k);
+    if constexpr (kResidual) store(dr, k, gz);
+    return {gz, gz * (static_cast<acc_t>(x[k]) - mean[k])};
+  }
+#ifdef CNNKERN_F16C
+  CNNKERN_F16C_TARGET Pair8 eight(int64_t k) const {
+    const __m256 gz = relu_grad8<kMask>(g, y, x, mean, scale, shift, k);
+    if constexpr (kResidual) store8(dr, k, gz);
+    return {gz, _mm256_mul_ps(gz, _mm256_sub_ps(load8(x, k), load8(mean, k)))};
+  }
+#endif
+};
+
+template <Mask kMask, bool kResidual, typename scalar_t, typename In, typename Out, typename P>
+GradSumsElement<kMask, kResidual, scalar_t, In, Out, P> grad_sums_element(const In& g, const In& x, const In& y,
+                                                                          const Out& dr, const P& mean,
+                                                                          const P& scale, const P& shift) {
+  return {g, x, y, dr, mean, scale, shift};
+}
+
+}  // namespace
+
 template <typename scalar_t>
 std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
                               const at::Tensor& output, const Affine<at::opmath_type<scalar_t>>& affine, Mask mask,
@@ -37,13 +71,9 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
         const auto Scale = w.per_channel<CS>(affine.scale.data());
         const auto Shift = w.per_channel<CS>(affine.shift.data());
         const auto line_fn = [&](int64_t n, int64_t j, auto& stage) {
-          return [g = stage.in(G.line(n, j)), x = stage.in(X.line(n, j)), y = stage.in(Y.line(n, j)),
-                  dr = stage.out(DR.line(n, j)), mean = Mean.line(n, j), scale = Scale.line(n, j),
-                  shift = Shift.line(n, j)](int64_t k) {
-            const acc_t gz = relu_grad<kMask, scalar_t, acc_t>(g, y, x, mean, scale, shift, k);
-            if constexpr (kResidual) store(dr, k, gz);
-            return std::pair<acc_t, acc_t>(gz, gz * (static_cast<acc_t>(x[k]) - mean[k]));
-          };
+          return grad_sums_element<kMask, kResidual, scalar_t>(
+              stage.in(G.line(n, j)), stage.in(X.line(n, j)), stage.in(Y.line(n, j)), stage.out(DR.line(n, j)),
+              Mean.line(n, j), Scale.line(n, j), Shift.line(n, j));
         };
         sums = channel_sums<acc_t, CS, /*kGroupLines=*/false, StageFor<scalar_t, TS, kBackwardChunk>>(w, line_fn);
       });

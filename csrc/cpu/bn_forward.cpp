@@ -24,6 +24,29 @@ using namespace cpu;  // NOLINT: the line walks and passes of bn_lines.h
 
 // ---- forward ------------------------------------------------------------------
 
+// Element k of a line of shifted_sums: (x - ref, (x - ref)^2). eight(k): elements k to k + 7,
+// for float16 lines that convert in registers (csrc/cpu/in_registers.h).
+template <typename acc_t, typename In, typename P>
+struct ShiftedElement {
+  In x;   // the input's line
+  P ref;  // the shifts of the line's channels
+  std::pair<acc_t, acc_t> operator()(int64_t k) const {
+    const acc_t d = static_cast<acc_t>(x[k]) - ref[k];
+    return {d, d * d};
+  }
+#ifdef CNNKERN_F16C
+  CNNKERN_F16C_TARGET Pair8 eight(int64_t k) const {
+    const __m256 d = _mm256_sub_ps(load8(x, k), load8(ref, k));
+    return {d, _mm256_mul_ps(d, d)};
+  }
+#endif
+};
+
+template <typename acc_t, typename In, typename P>
+ShiftedElement<acc_t, In, P> shifted_element(const In& x, const P& ref) {
+  return {x, ref};
+}
+
 // Per-channel sums of x - ref_c and (x - ref_c)^2 over the walk's channels, in
 // double, in one read of the input ({first sums, then second sums}, as
 // channel_sums). ref_c is a value of the channel (shift_values): shifted by it,
@@ -44,10 +67,7 @@ std::vector<double> shifted_sums(const Walk& w, const at::Tensor& input, const a
     const auto Ref = w.per_channel<CS>(ref);
     sums = channel_sums<acc_t, CS, /*kGroupLines=*/true, StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j,
                                                                                          auto& stage) {
-      return [x = stage.in(X.line(n, j)), ref = Ref.line(n, j)](int64_t k) {
-        const acc_t d = static_cast<acc_t>(x[k]) - ref[k];
-        return std::pair<acc_t, acc_t>(d, d * d);
-      };
+      return shifted_element<acc_t>(stage.in(X.line(n, j)), Ref.line(n, j));
     });
   });
   return sums;
@@ -73,37 +93,37 @@ std::vector<at::opmath_type<scalar_t>> shift_values(const Strided3d& v, const sc
   return shifts;
 }
 
+// Element k of a line of the normalize pass: y = act((x - mean) * scale + shift + r).
+// eight(k): elements k to k + 7, for float16 lines that convert in registers
+// (csrc/cpu/in_registers.h).
+template <bool kResidual, bool kRelu, typename acc_t, typename In, typename Out, typename P>
+struct NormalizeElement {
+  In x, r;               // the input's and the residual's lines (r: read only with kResidual)
+  Out y;                 // the output's line
+  P mean, scale, shift;  // the line's channels' affine (Affine)
+  void operator()(int64_t k) const {
+    acc_t v = normalized(static_cast<acc_t>(x[k]), mean[k], scale[k], shift[k]);
+    if constexpr (kResidual) v += static_cast<acc_t>(r[k]);
+    if constexpr (kRelu) v = std::max(v, acc_t(0));
+    store(y, k, v);
+  }
 #ifdef CNNKERN_F16C
-// A float16 line of the normalize pass, 8 values a step converted in registers (F16C), where the
-// staged loop (csrc/cpu/stage.h) converts a chunk into a float buffer, runs the loop over it and
-// converts back: the same arithmetic in the same order, rounded the same way (to nearest even),
-// so the same bits, in one pass over the line instead of three. kPerElement: mean, scale and
-// shift are arrays along the line (channels_last, flat lines); else one channel's values.
-// Unrolled by 4, as the staged conversions are (csrc/cpu/element_cast.h).
-template <bool kPerElement, bool kResidual, bool kRelu>
-__attribute__((target("avx,f16c"))) void normalize_halves_f16c(const c10::Half* x, const c10::Half* r, c10::Half* y,
-                                                              const float* mean, const float* scale,
-                                                              const float* shift, int64_t n) {
-  const __m256 zero = _mm256_setzero_ps();
-  int64_t k = 0;
-#pragma GCC unroll 4
-  for (; k + 8 <= n; k += 8) {
-    const __m256 m = channel_values8<kPerElement>(mean, k), s = channel_values8<kPerElement>(scale, k);
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load_halves8(x + k), m), s),
-                             channel_values8<kPerElement>(shift, k));  // normalized(), unfused
-    if constexpr (kResidual) v = _mm256_add_ps(v, load_halves8(r + k));
-    if constexpr (kRelu) v = _mm256_max_ps(zero, v);  // NaN stays NaN, as std::max(v, 0)
-    store_halves8(y + k, v);
+  CNNKERN_F16C_TARGET void eight(int64_t k) const {
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(scale, k)),
+                             load8(shift, k));  // normalized(), unfused
+    if constexpr (kResidual) v = _mm256_add_ps(v, load8(r, k));
+    if constexpr (kRelu) v = _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN stays NaN, as std::max(v, 0)
+    store8(y, k, v);
   }
-  for (; k < n; ++k) {
-    const int64_t c = kPerElement ? k : 0;
-    float v = normalized(_cvtsh_ss(x[k].x), mean[c], scale[c], shift[c]);
-    if constexpr (kResidual) v += _cvtsh_ss(r[k].x);
-    if constexpr (kRelu) v = std::max(v, 0.0f);
-    y[k] = half_of(v);
-  }
-}
 #endif
+};
+
+template <bool kResidual, bool kRelu, typename acc_t, typename In, typename Out, typename P>
+NormalizeElement<kResidual, kRelu, acc_t, In, Out, P> normalize_element(const In& x, const In& r, const Out& y,
+                                                                        const P& mean, const P& scale,
+                                                                        const P& shift) {
+  return {x, r, y, mean, scale, shift};
+}
 
 // The normalize pass of both forwards: output = act((x - mean) * scale + shift + r).
 template <typename scalar_t>
@@ -126,25 +146,10 @@ void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residua
         const auto Mean = w.per_channel<CS>(affine.mean.data());
         const auto Scale = w.per_channel<CS>(affine.scale.data());
         const auto Shift = w.per_channel<CS>(affine.shift.data());
-#ifdef CNNKERN_F16C
-        constexpr bool kPerElement = std::is_same_v<CS, Unit>;  // per-channel arrays along the lines
-        if (for_f16c_segments<scalar_t, TS>(w, [&](auto n, auto j, int64_t k0, int64_t k1) {
-              const int64_t c0 = kPerElement ? k0 : 0;
-              normalize_halves_f16c<kPerElement, kResidual, kRelu>(
-                  X.line(n, j).p + k0, kResidual ? R.line(n, j).p + k0 : nullptr, Y.line(n, j).p + k0,
-                  Mean.line(n, j).p + c0, Scale.line(n, j).p + c0, Shift.line(n, j).p + c0, k1 - k0);
-            })) {
-          return;
-        }
-#endif
         for_each_element<StageFor<scalar_t, TS>>(w, [&](int64_t n, int64_t j, auto& stage) {
-          return [x = stage.in(X.line(n, j)), r = stage.in(R.line(n, j)), y = stage.out(Y.line(n, j)),
-                  mean = Mean.line(n, j), scale = Scale.line(n, j), shift = Shift.line(n, j)](int64_t k) {
-            acc_t v = normalized(static_cast<acc_t>(x[k]), mean[k], scale[k], shift[k]);
-            if constexpr (kResidual) v += static_cast<acc_t>(r[k]);
-            if constexpr (kRelu) v = std::max(v, acc_t(0));
-            store(y, k, v);
-          };
+          return normalize_element<kResidual, kRelu, acc_t>(stage.in(X.line(n, j)), stage.in(R.line(n, j)),
+                                                            stage.out(Y.line(n, j)), Mean.line(n, j),
+                                                            Scale.line(n, j), Shift.line(n, j));
         });
       });
     });

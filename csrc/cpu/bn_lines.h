@@ -37,40 +37,19 @@
 
 #include "bn_checks.h"
 #include "cpu/element_cast.h"
+#include "cpu/in_registers.h"
+#include "cpu/line.h"
 #include "cpu/stage.h"
 
 namespace cnnkern::cpu {
 
 // ---- walking (N, C, L) as lines ---------------------------------------------
 
-// Line strides known at compile time: Unit makes loads contiguous (vectorizable),
-// Bcast is a per-channel array on an L line (one value, hoisted out of the loop).
-using Unit = std::integral_constant<int64_t, 1>;
-using Bcast = std::integral_constant<int64_t, 0>;
-
-template <typename S>
-S line_stride(int64_t s) {
-  if constexpr (std::is_same_v<S, int64_t>) {
-    return s;
-  } else {
-    TORCH_INTERNAL_ASSERT(s == S::value);
-    return S{};
-  }
-}
-
 // The stage of the line loops of a pass over scalar_t tensors whose line strides are TS
 // (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time.
 template <typename scalar_t, typename TS, int64_t kChunk = kForwardChunk>
 using StageFor =
     std::conditional_t<std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>, Stage<kChunk>, NoStage>;
-
-// One line of a tensor: element k is p[k * stride].
-template <typename T, typename S>
-struct Line {
-  T* p;
-  S stride;
-  T& operator[](int64_t k) const { return p[k * stride]; }
-};
 
 // A tensor (or a per-channel array) as lines (n, j), j < J.
 template <typename T, typename S>
@@ -358,45 +337,32 @@ void dispatch_bool(bool b, const F& f) {
 #endif
 
 // Line functions: line_fn(n, j, stage) gives the element function of line (n, j), elem(k),
-// its tensors' lines wrapped by `stage`, an St (StageFor; csrc/cpu/stage.h).
+// its tensors' lines wrapped by `stage`, an St (StageFor; csrc/cpu/stage.h). The element
+// functions of float16 passes also give 8 elements a step, elem.eight(k), for the lines that
+// convert in registers (csrc/cpu/in_registers.h).
 
 // Runs line_fn(n, j, stage)(k) for every element of segments [begin, end).
 template <typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn) {
   St stage;
   w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
-      const auto elem = line_fn(n, j, stage);
-#pragma omp simd
-      for (int64_t k = c0; k < c1; ++k) elem(k);
-    });
+    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) { St::apply(line_fn(n, j, stage), c0, c1); });
   });
 }
 
-// Runs line_fn(n, j, stage)(k) for every element (n, j, k), in parallel over segments.
+// Runs line_fn(n, j, stage)(k) for every element (n, j, k), in parallel over segments. St, the
+// lines' stage: float16 lines (a Stage) convert in registers instead where the CPU has F16C,
+// and the element functions then take 8 elements a step (csrc/cpu/in_registers.h).
 template <typename St, typename LineFn>
 void for_each_element(const Walk& w, const LineFn& line_fn) {
+#ifdef CNNKERN_F16C
+  if constexpr (kStaged<St>) {
+    if (use_f16c()) return for_each_element<InRegisters>(w, line_fn);
+  }
+#endif
   at::parallel_for(0, w.items(), w.grain(),
                    [&](int64_t begin, int64_t end) { apply_segments<St>(w, begin, end, line_fn); });
 }
-
-#ifdef CNNKERN_F16C
-// Where the pass's lines are float16 of unit stride (TS) and the CPU has F16C, calls
-// segment(n, j, k0, k1) for every segment, in parallel, and returns true; else returns false,
-// having called nothing. The elementwise passes whose float16 loops convert in registers
-// (csrc/cpu/element_cast.h) take it before their staged loop. `segment` is a generic lambda:
-// instantiated for float16 lines only.
-template <typename scalar_t, typename TS, typename F>
-bool for_f16c_segments(const Walk& w, const F& segment) {
-  if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>) {
-    if (use_f16c()) {
-      at::parallel_for(0, w.items(), w.grain(), [&](int64_t begin, int64_t end) { w.for_segments(begin, end, segment); });
-      return true;
-    }
-  }
-  return false;
-}
-#endif
 
 // Along L, the partial sums of a segment: kLanes per quantity, in independent
 // vector registers, so that the adds pipeline instead of each waiting on the last.
@@ -414,21 +380,7 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_l(const Walk& w, int64_t begin, in
   w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
     std::array<acc_t, kLanes> a{}, b{};
     stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
-      const auto elem = line_fn(n, j, stage);
-      int64_t k = c0;
-      for (; k + kLanes <= c1; k += kLanes) {
-#pragma omp simd
-        for (int64_t v = 0; v < kLanes; ++v) {
-          const std::pair<acc_t, acc_t> ab = elem(k + v);  // (a structured binding defeats GCC's if-conversion)
-          a[v] += ab.first;
-          b[v] += ab.second;
-        }
-      }
-      for (int64_t v = 0; k + v < c1; ++v) {
-        const std::pair<acc_t, acc_t> ab = elem(k + v);
-        a[v] += ab.first;
-        b[v] += ab.second;
-      }
+      St::template add_pairs_to_lanes<kLanes>(line_fn(n, j, stage), a.data(), b.data(), c0, c1);
     });
     sums[j - w.c0] += std::accumulate(a.begin(), a.end(), 0.0);
     sums[w.nc + j - w.c0] += std::accumulate(b.begin(), b.end(), 0.0);
@@ -464,14 +416,9 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
           acc_t* ag = a + g * len;
           acc_t* bg = b + g * len;
           stage.for_chunks(0, len, [&](int64_t c0, int64_t c1) {
-            const auto e0 = line_fn(n, j0 + g, stage), e1 = line_fn(n + 1, j0 + g, stage),
-                       e2 = line_fn(n + 2, j0 + g, stage), e3 = line_fn(n + 3, j0 + g, stage);
-#pragma omp simd
-            for (int64_t k = c0; k < c1; ++k) {
-              const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
-              ag[k] += (p0.first + p1.first) + (p2.first + p3.first);
-              bg[k] += (p0.second + p1.second) + (p2.second + p3.second);
-            }
+            const std::array lines{line_fn(n, j0 + g, stage), line_fn(n + 1, j0 + g, stage),
+                                   line_fn(n + 2, j0 + g, stage), line_fn(n + 3, j0 + g, stage)};
+            St::add_pairs4(lines, ag, bg, c0, c1);
           });
         }
       }
@@ -479,15 +426,8 @@ CNNKERN_VECTOR_CLONES void sum_short_lines_along_l(const Walk& w, int64_t begin,
         for (int64_t g = 0; g < channels; ++g) {
           acc_t* ag = a + g * len;
           acc_t* bg = b + g * len;
-          stage.for_chunks(0, len, [&](int64_t c0, int64_t c1) {
-            const auto elem = line_fn(n, j0 + g, stage);
-#pragma omp simd
-            for (int64_t k = c0; k < c1; ++k) {
-              const std::pair<acc_t, acc_t> ab = elem(k);
-              ag[k] += ab.first;
-              bg[k] += ab.second;
-            }
-          });
+          stage.for_chunks(0, len,
+                           [&](int64_t c0, int64_t c1) { St::add_pairs(line_fn(n, j0 + g, stage), ag, bg, c0, c1); });
         }
       }
       for (int64_t g = 0; g < channels; ++g) {
@@ -522,15 +462,7 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
   };
   int64_t lines = 0;
   const auto add_segment = [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) {
-      const auto elem = line_fn(n, j, stage);
-#pragma omp simd
-      for (int64_t k = c0; k < c1; ++k) {
-        const std::pair<acc_t, acc_t> ab = elem(k);
-        a[k] += ab.first;
-        b[k] += ab.second;
-      }
-    });
+    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) { St::add_pairs(line_fn(n, j, stage), a, b, c0, c1); });
     if (++lines % kFoldLines == 0) fold();
   };
   if constexpr (kGroupLines) {
@@ -540,13 +472,8 @@ CNNKERN_VECTOR_CLONES void sum_segments_along_c(const Walk& w, int64_t begin, in
     };
     const auto add_group = [&](int64_t i, int64_t stride) {
       stage.for_chunks(0, w.len, [&](int64_t c0, int64_t c1) {
-        const auto e0 = line(i), e1 = line(i + stride), e2 = line(i + 2 * stride), e3 = line(i + 3 * stride);
-#pragma omp simd
-        for (int64_t k = c0; k < c1; ++k) {
-          const std::pair<acc_t, acc_t> p0 = e0(k), p1 = e1(k), p2 = e2(k), p3 = e3(k);
-          a[k] += (p0.first + p1.first) + (p2.first + p3.first);
-          b[k] += (p0.second + p1.second) + (p2.second + p3.second);
-        }
+        const std::array lines{line(i), line(i + stride), line(i + 2 * stride), line(i + 3 * stride)};
+        St::add_pairs4(lines, a, b, c0, c1);
       });
       if ((lines += kLineGroup) % kFoldLines == 0) fold();
     };
@@ -573,8 +500,14 @@ inline int usable_threads() { return at::in_parallel_region() ? 1 : at::get_num_
 // ChannelStride tells where the channel is: j on an L line, k on a C line.
 // kGroupLines: along C, whole lines kLineGroup at a time, for a line_fn that reads
 // one tensor (4 streams); with more, the grouped loop ran slower on large tensors.
+// St, the lines' stage, as for for_each_element.
 template <typename acc_t, typename ChannelStride, bool kGroupLines, typename St, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
+#ifdef CNNKERN_F16C
+  if constexpr (kStaged<St>) {
+    if (use_f16c()) return channel_sums<acc_t, ChannelStride, kGroupLines, InRegisters>(w, line_fn);
+  }
+#endif
   const int64_t size = 2 * w.nc;
   const int nthreads = usable_threads();
   if (std::is_same_v<ChannelStride, Bcast> && w.len <= kShortLine && w.nc >= nthreads) {

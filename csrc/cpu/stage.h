@@ -1,9 +1,9 @@
-// Staged line loops for float16 (used by the passes of bn_lines.h; the forwards' normalize pass
-// converts in registers instead where the CPU has F16C, bn_forward.cpp): a loop over elements
-// [k0, k1) of some lines runs a chunk of them at a time, its float16 lines read from and
-// written to float buffers that are converted a chunk at a time (halves_to_floats and
-// floats_to_halves, F16C where the CPU has it). Element by element, the conversions took most
-// of the float16 kernels' time; the buffers of a chunk stay in L1.
+// Staged line loops for float16, used by the passes of bn_lines.h where the CPU lacks F16C or
+// under CNNKERN_CPU_F16C=0 (with F16C they convert in registers, csrc/cpu/in_registers.h): a
+// loop over elements [k0, k1) of some lines runs a chunk of them at a time, its float16 lines
+// read from and written to float buffers that are converted a chunk at a time (halves_to_floats
+// and floats_to_halves). Element by element, the conversions took most of the float16 kernels'
+// time; the buffers of a chunk stay in L1.
 //
 // A loop runs as stage.for_chunks(k0, k1, body): body(c0, c1) builds its element function
 // through the pass's line function, which wraps the tensors' lines: stage.in(line) for those
@@ -17,13 +17,12 @@
 #include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/element_cast.h"
+#include "cpu/line.h"
 
 namespace cnnkern::cpu {
-
-template <typename T, typename S>
-struct Line;
 
 // Elements [k0, k1) of a line, in a buffer: element k at p[k - k0].
 template <typename T>
@@ -40,8 +39,64 @@ void store(const L& line, int64_t k, A v) {
   element = from_acc<std::remove_reference_t<decltype(element)>>(v);
 }
 
-// The lines of one loop as they are: no chunks.
-struct NoStage {
+// The inner loops of the passes (bn_lines.h) over elements [c0, c1) of a chunk, element by
+// element: elem(k) is the pass's element function (of a line, or of 4 lines: e[0..3]), which
+// yields a pair of acc_t in the sums. The stages that hand the loops elements one at a time
+// (NoStage, Stage) share them; InRegisters (csrc/cpu/in_registers.h) has its own.
+struct ElementLoops {
+  // elem(k) for every k: the elementwise passes.
+  template <typename E>
+  static void apply(const E& elem, int64_t c0, int64_t c1) {
+#pragma omp simd
+    for (int64_t k = c0; k < c1; ++k) elem(k);
+  }
+
+  // a[k] += elem(k).first and b[k] += elem(k).second.
+  template <typename E, typename A>
+  static void add_pairs(const E& elem, A* a, A* b, int64_t c0, int64_t c1) {
+#pragma omp simd
+    for (int64_t k = c0; k < c1; ++k) {
+      const std::pair<A, A> ab = elem(k);  // (a structured binding defeats GCC's if-conversion)
+      a[k] += ab.first;
+      b[k] += ab.second;
+    }
+  }
+
+  // The same for the sum of 4 lines' elements, (e[0] + e[1]) + (e[2] + e[3]).
+  template <typename E, typename A>
+  static void add_pairs4(const std::array<E, 4>& e, A* a, A* b, int64_t c0, int64_t c1) {
+#pragma omp simd
+    for (int64_t k = c0; k < c1; ++k) {
+      const std::pair<A, A> p0 = e[0](k), p1 = e[1](k), p2 = e[2](k), p3 = e[3](k);
+      a[k] += (p0.first + p1.first) + (p2.first + p3.first);
+      b[k] += (p0.second + p1.second) + (p2.second + p3.second);
+    }
+  }
+
+  // a[v] += elem(k).first and b[v] += elem(k).second, v = (k - c0) % kLanes: independent partial
+  // sums, so that the adds pipeline instead of each waiting on the last.
+  template <int64_t kLanes, typename E, typename A>
+  static void add_pairs_to_lanes(const E& elem, A* a, A* b, int64_t c0, int64_t c1) {
+    int64_t k = c0;
+    for (; k + kLanes <= c1; k += kLanes) {
+#pragma omp simd
+      for (int64_t v = 0; v < kLanes; ++v) {
+        const std::pair<A, A> ab = elem(k + v);
+        a[v] += ab.first;
+        b[v] += ab.second;
+      }
+    }
+    for (int64_t v = 0; k + v < c1; ++v) {
+      const std::pair<A, A> ab = elem(k + v);
+      a[v] += ab.first;
+      b[v] += ab.second;
+    }
+  }
+};
+
+// The lines of a loop as they are, in one chunk: the stages that buffer nothing (NoStage,
+// InRegisters).
+struct Unchunked {
   template <typename F>
   void for_chunks(int64_t k0, int64_t k1, const F& f) {
     f(k0, k1);
@@ -56,6 +111,9 @@ struct NoStage {
   }
 };
 
+// The lines of one loop as they are, element by element.
+struct NoStage : Unchunked, ElementLoops {};
+
 // Elements per line in a chunk: a multiple of the lane counts of the sums (bn_lines.h), so
 // that chunks leave their lanes as one pass over the line would.
 // - The forwards take 512, which beat 1024 by up to 1.3x (bench.ab, float16, 2-core AMD EPYC,
@@ -67,9 +125,9 @@ struct NoStage {
 constexpr int64_t kForwardChunk = 512;
 constexpr int64_t kBackwardChunk = 256;
 
-// float16 lines of unit stride (Line<c10::Half, Unit> of bn_lines.h), kChunk elements at a time.
+// float16 lines of unit stride (Line<c10::Half, Unit>), kChunk elements at a time.
 template <int64_t kChunkSize>
-class Stage {
+class Stage : public ElementLoops {
  public:
   static constexpr int64_t kChunk = kChunkSize;
   // Lines per chunk: the most a loop touches is 4 lines (a group) of 4 tensors.
@@ -126,5 +184,11 @@ class Stage {
   int64_t k0_ = 0, size_ = 0;
   int used_ = 0, outputs_ = 0;
 };
+
+// Whether St is a Stage: float16 lines of unit stride.
+template <typename St>
+constexpr bool kStaged = false;
+template <int64_t kChunk>
+constexpr bool kStaged<Stage<kChunk>> = true;
 
 }  // namespace cnnkern::cpu
