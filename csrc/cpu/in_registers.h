@@ -48,25 +48,26 @@ struct Pair8 {
   __m256 first, second;
 };
 
-// The stage; its loops do what ElementLoops' do (csrc/cpu/stage.h), 8 elements a step. Each
-// copies its element functions into locals first: the vector stores may alias anything, so GCC
-// would reload the lines' pointers from the caller's after every store.
+// The stage; its loops do what ElementLoops' do (csrc/cpu/stage.h), 8 elements a step. They take
+// their element functions as __restrict: the vector stores may alias anything, and GCC would
+// otherwise reload the lines' pointers after every store.
 struct InRegisters : Unchunked {
   // Unrolled by 4: a step is a handful of instructions, and the loop's own three would be a large
   // share of them (the F16C conversion loops ran up to 1.3x slower without; bench.ab, 2-core AMD
-  // EPYC).
+  // EPYC). A chunk's last few elements, where it holds 8 or more, are its last 8's step again:
+  // the outputs it rewrites get the same bits (no pass writes a tensor it reads), where one at a
+  // time they cost as much as the 6 steps before them on a 7x7 line (callgrind).
   template <typename E>
-  CNNKERN_F16C_TARGET static void apply(const E& element, int64_t c0, int64_t c1) {
-    const E elem = element;
+  CNNKERN_F16C_TARGET static void apply(const E& __restrict elem, int64_t c0, int64_t c1) {
     int64_t k = c0;
 #pragma GCC unroll 4
     for (; k + 8 <= c1; k += 8) elem.eight(k);
+    if (k < c1 && c1 - c0 >= 8) return elem.eight(c1 - 8);
     for (; k < c1; ++k) elem(k);
   }
 
   template <typename E>
-  CNNKERN_F16C_TARGET static void add_pairs(const E& element, float* a, float* b, int64_t c0, int64_t c1) {
-    const E elem = element;
+  CNNKERN_F16C_TARGET static void add_pairs(const E& __restrict elem, float* a, float* b, int64_t c0, int64_t c1) {
     int64_t k = c0;
 #pragma GCC unroll 2
     for (; k + 8 <= c1; k += 8) {
@@ -82,8 +83,8 @@ struct InRegisters : Unchunked {
   }
 
   template <typename E>
-  CNNKERN_F16C_TARGET static void add_pairs4(const std::array<E, 4>& lines, float* a, float* b, int64_t c0, int64_t c1) {
-    const std::array<E, 4> e = lines;
+  CNNKERN_F16C_TARGET static void add_pairs4(const std::array<E, 4>& __restrict e, float* a, float* b, int64_t c0,
+                                             int64_t c1) {
     int64_t k = c0;
     for (; k + 8 <= c1; k += 8) {
       const Pair8 p0 = e[0].eight(k), p1 = e[1].eight(k), p2 = e[2].eight(k), p3 = e[3].eight(k);
@@ -103,8 +104,8 @@ struct InRegisters : Unchunked {
 
   // 16 lanes, in 2 registers per sum.
   template <int64_t kLanes, typename E>
-  CNNKERN_F16C_TARGET static void add_pairs_to_lanes(const E& element, float* a, float* b, int64_t c0, int64_t c1) {
-    const E elem = element;
+  CNNKERN_F16C_TARGET static void add_pairs_to_lanes(const E& __restrict elem, float* a, float* b, int64_t c0,
+                                                     int64_t c1) {
     static_assert(kLanes == 16, "two registers of lanes per sum");
     __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
     __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
