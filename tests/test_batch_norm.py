@@ -267,6 +267,7 @@ FLOAT16_STAGED = {
     "nchw-short": ((9, 70, 5, 5), "nchw", True),
     "cl-mixed": ((3, 1100, 2, 3), "channels_last", False),
     "cl-runs": ((4, 24, 5, 7), "channels_last", True),  # runs of 7 positions (Walk::position_runs)
+    "nchw-7x7": ((4, 6, 7, 7), "nchw", True),  # flat lines in registers only (kFlatLineInRegisters)
 }
 
 

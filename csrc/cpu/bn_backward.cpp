@@ -88,7 +88,7 @@ void grad_elementwise(const Walk& w, const at::Tensor& grad_output, const at::Te
   // In eval mode grad_input = gz * scale: input is read only for a recomputed mask.
   const bool read_x = (training && grad_input.defined()) || mask == Mask::kRecomputed;
   const at::Tensor x_used = read_x ? input : at::Tensor();
-  const bool flat = for_flat_lines(w, {&grad_output, &x_used, &output, &grad_input, &grad_residual},
+  const bool flat = for_flat_lines<scalar_t>(w, {&grad_output, &x_used, &output, &grad_input, &grad_residual},
                                    [&](const Walk& lines) {
     const GradCoeffs<acc_t> expanded{coeffs.affine.expanded(lines), expand_channels(lines, coeffs.mean_gz.data()),
                                      expand_channels(lines, coeffs.proj.data())};

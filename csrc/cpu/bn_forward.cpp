@@ -130,7 +130,7 @@ template <typename scalar_t>
 void normalize(const Walk& w, const at::Tensor& input, const at::Tensor& residual, bool relu,
                const Affine<at::opmath_type<scalar_t>>& affine, const at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool flat = for_flat_lines(w, {&input, &residual, &output}, [&](const Walk& lines) {
+  const bool flat = for_flat_lines<scalar_t>(w, {&input, &residual, &output}, [&](const Walk& lines) {
     normalize<scalar_t>(lines, input, residual, relu, affine.expanded(lines), output);
   });
   if (flat) return;

@@ -92,6 +92,10 @@ constexpr int64_t kShortRun = 2048;
 // took 0.12 ms line by line, 0.05 ms so; at 6x6 the two ways ran level, at 7x7 and 8x8 the
 // flat lines were 6-11% slower (bench/NOTES.md).
 constexpr int64_t kFlatLine = 36;
+// The same for float16 lines that convert in registers (7x7 and smaller): their loop is a call
+// per line, and at 7x7 the flat lines ran the float16 passes at 0.59-0.86 of line by line
+// (float32 at 0.90-1.14: kFlatLine stays).
+constexpr int64_t kFlatLineInRegisters = 49;
 // Walk::flat_lines needs at least this many samples to repay its expanded per-channel arrays.
 constexpr int64_t kFlatSamples = 4;
 // Lines along C are walked as runs of consecutive positions (Walk::position_runs) of at most
@@ -158,9 +162,9 @@ struct Walk {
   //   Past a few samples the per-channel arrays' expansion costs less than the lines' loops;
   // - along C (position_runs), runs of a sample's positions (channel stride 1 and position
   //   stride C), where a run holds two positions or more.
-  bool has_flat_lines(std::initializer_list<const at::Tensor*> tensors) const {
+  bool has_flat_lines(std::initializer_list<const at::Tensor*> tensors, int64_t max_line = kFlatLine) const {
     if (flat) return false;
-    if (along_c ? run_positions() < 2 : len > kFlatLine || N < kFlatSamples) return false;
+    if (along_c ? run_positions() < 2 : len > max_line || N < kFlatSamples) return false;
     return std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor* t) {
       if (!t->defined()) return true;
       const Strided3d v = view3d(*t, "tensor");
@@ -281,11 +285,12 @@ bool for_position_runs(const Walk& w, std::initializer_list<const at::Tensor*> t
 // w's elements and returns true; else returns false, having called nothing. Along C, as
 // for_position_runs. Along L, f runs in parallel on the flat_lines() of runs of w's channels,
 // about kShortRun elements each, so that a run's expanded arrays stay in L1; for elementwise
-// passes only.
-template <typename F>
+// passes over scalar_t tensors only.
+template <typename scalar_t, typename F>
 bool for_flat_lines(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
   if (w.along_c) return for_position_runs(w, tensors, f);
-  if (!w.has_flat_lines(tensors)) return false;
+  const bool in_registers = std::is_same_v<scalar_t, c10::Half> && use_f16c();
+  if (!w.has_flat_lines(tensors, in_registers ? kFlatLineInRegisters : kFlatLine)) return false;
   const int64_t run = std::max<int64_t>(1, kShortRun / w.len);
   at::parallel_for(0, w.nc, run, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += run) {
