@@ -1,10 +1,10 @@
 // float16 line loops that convert in registers (F16C), 8 values a step: where the CPU has F16C,
 // the stage of float16 lines of unit stride in place of Stage (csrc/cpu/stage.h), which
 // converts a chunk into a float buffer, runs the loop over it and converts back. The element
-// functions give 8 values a step, elem.eight(k) (a pair of __m256 in the sums), and the line's last
-// few one at a time, elem(k), as they do for the other stages; both forms compute what the
-// staged loop does, in the same order, rounded the same way (to nearest even): the same bits,
-// in one pass over the lines instead of three.
+// functions give 8 values a step, elem.eight(k) (a pair of __m256 in the sums), and one at a
+// time, elem(k), as for the other stages: a chunk's last few (the elementwise passes redo its
+// last 8 instead). Both forms compute what the staged loop does, in the same order, rounded the
+// same way (to nearest even): the same bits, in one pass over the lines instead of three.
 //
 // The loops carry F16C's target attribute, so the passes' functions, which GCC clones for AVX2
 // and the baseline (CNNKERN_VECTOR_CLONES, bn_lines.h), call them out of line, once a chunk.
