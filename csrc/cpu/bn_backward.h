@@ -56,8 +56,7 @@ CNNKERN_F16C_TARGET __m256 relu_grad8(const In& g, const In& y, const In& x, con
   if constexpr (kMask == Mask::kOutput) {
     return _mm256_and_ps(_mm256_cmp_ps(load8(y, k), _mm256_setzero_ps(), _CMP_GT_OQ), gk);
   } else if constexpr (kMask == Mask::kRecomputed) {
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(scale, k)),
-                                   load8(shift, k));  // normalized(), unfused
+    const __m256 v = normalized8(x, mean, scale, shift, k);
     return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(kHalfStoredZero), _CMP_GT_OQ), gk);  // stored_positive
   } else {
     return gk;

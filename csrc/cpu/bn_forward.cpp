@@ -109,8 +109,7 @@ struct NormalizeElement {
   }
 #ifdef CNNKERN_F16C
   CNNKERN_F16C_TARGET void eight(int64_t k) const {
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(scale, k)),
-                             load8(shift, k));  // normalized(), unfused
+    __m256 v = normalized8(x, mean, scale, shift, k);
     if constexpr (kResidual) v = _mm256_add_ps(v, load8(r, k));
     if constexpr (kRelu) v = _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN stays NaN, as std::max(v, 0)
     store8(y, k, v);

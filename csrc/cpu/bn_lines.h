@@ -46,7 +46,8 @@ namespace cnnkern::cpu {
 // ---- walking (N, C, L) as lines ---------------------------------------------
 
 // The stage of the line loops of a pass over scalar_t tensors whose line strides are TS
-// (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time.
+// (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time, or
+// in registers where the CPU has F16C (for_each_element, channel_sums).
 template <typename scalar_t, typename TS, int64_t kChunk = kForwardChunk>
 using StageFor =
     std::conditional_t<std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>, Stage<kChunk>, NoStage>;
@@ -613,6 +614,14 @@ template <typename acc_t>
 acc_t normalized(acc_t x, acc_t mean, acc_t scale, acc_t shift) {
   return (x - mean) * scale + shift;
 }
+
+#ifdef CNNKERN_F16C
+// normalized() of elements k to k + 7 of lines that convert in registers, in the same order.
+template <typename In, typename P>
+CNNKERN_F16C_TARGET __m256 normalized8(const In& x, const P& mean, const P& scale, const P& shift, int64_t k) {
+  return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(scale, k)), load8(shift, k));
+}
+#endif
 
 // The largest float that float16 stores as 0: half its smallest subnormal (2^-24), the tie
 // rounding to even.

@@ -11,8 +11,8 @@
 // (csrc/cpu/stage.h), where the CPU lacks F16C. Element by element, the conversions in
 // software took most of a float16 kernel's time (eval 2.6x eager's). F16C converts 8 values in
 // one instruction, and GCC 12 vectorizes no conversion to or from _Float16, so the loops call
-// it themselves where the CPU has it, in registers (csrc/cpu/in_registers.h). Both ways round to nearest even: the same bits, but for NaN
-// payloads, which F16C keeps.
+// it themselves where the CPU has it, in registers (csrc/cpu/in_registers.h). Both ways round
+// to nearest even: the same bits, but for NaN payloads, which F16C keeps.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/Half.h>
