@@ -232,36 +232,48 @@ def test_cpu_short_lines(threads, dtype):
         torch.set_num_threads(previous)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Biases that land eval's sums (below) in each of the 16-bit types' ranges: normal, subnormal,
+# past the largest finite (rounding to infinity or not), ties, infinite.
+ROUNDING_BIASES = {
+    torch.float16: [0.0, 1e-7, -3e-6, 3e-5, -1.5, 1000.25, -65504.0, 65520.0, -7e4, 2.0 ** -24, 3.0 ** 0.5,
+                    -(2.0 ** 15) - 3.0, 1e-45, float("inf")],
+    torch.bfloat16: [0.0, 1e-39, -3e-38, 2.0 ** -133, 2.0 ** -134, -1.5, 1000.25, 3.3895e38, -3.3896e38, 3.4e38,
+                     3.0 ** 0.5, -(2.0 ** 15) - 3.0, 1e-45, float("-inf")],
+}
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-def test_cpu_float16_rounding(relu):
-    """The CPU kernels round float16 outputs themselves (csrc/cpu/element_cast.h): the same bits
-    as torch's conversion, over every float16 input (normal, subnormal, infinite, NaN) and
-    sums that land in each of half's ranges. With weight 1, mean 0 and variance 1 (eps 0),
-    eval computes y = act(float(x) + bias), as the float32 expression below."""
-    require("cpu", "cpu", torch.float16)
-    biases = torch.tensor([0.0, 1e-7, -3e-6, 3e-5, -1.5, 1000.25, -65504.0, 65520.0, -7e4, 2.0 ** -24,
-                           3.0 ** 0.5, -(2.0 ** 15) - 3.0, 1e-45, float("inf")], dtype=torch.float32)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d)[6:])
+def test_cpu_16bit_rounding(dtype, relu):
+    """The CPU kernels round 16-bit outputs themselves (csrc/cpu/element_cast.h, in registers
+    csrc/cpu/in_registers.h): the same bits as torch's conversion, over every input of the type
+    (normal, subnormal, infinite, NaN) and sums that land in each of its ranges. With weight 1,
+    mean 0 and variance 1 (eps 0), eval computes y = act(float(x) + bias), as the float32
+    expression below."""
+    require("cpu", "cpu", dtype)
+    biases = torch.tensor(ROUNDING_BIASES[dtype], dtype=torch.float32)
     C = len(biases)
-    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)  # every float16
-    x = bits.view(torch.float16).reshape(1, 1, -1).expand(2, C, -1).contiguous()
+    bits = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16)  # every 16-bit value
+    x = bits.view(dtype).reshape(1, 1, -1).expand(2, C, -1).contiguous()
     ones, zeros = torch.ones(C), torch.zeros(C)
     y = torch.ops.cnnkern.bn_forward_eval(x, ones, biases, None, zeros, ones, 0.0, relu)
     expected = x.float() + biases[:, None]
     if relu:
         expected = torch.where(expected < 0, 0.0, expected)  # NaN stays NaN, as F.relu
-    expected = expected.half()
+    expected = expected.to(dtype)
     nan = expected.isnan()
     assert torch.equal(y.isnan(), nan)
     assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
 
 
-# float16 tensors of unit line stride are converted a chunk at a time, 512 values in the
-# forwards and 256 in the backward (csrc/cpu/stage.h): lines longer than either chunk with some
-# left over, along L (4900 values, two segments) and along C (1100 channels); short lines,
-# summed 4 samples at a time (9 = 4 + 4 + 1) and walked flat; grad_output and the residual in
-# the input's layout, so that every tensor is staged, or NCHW under a channels_last input, so
-# that none is.
-FLOAT16_STAGED = {
+# Lines of unit stride of 16-bit tensors convert in registers 8 values a step, or where the CPU
+# cannot, float16 a chunk at a time, 512 values in the forwards and 256 in the backward
+# (csrc/cpu/stage.h): lines longer than either chunk with some left over, along L (4900 values,
+# two segments) and along C (1100 channels); short lines, summed 4 samples at a time (9 = 4 + 4 +
+# 1) and walked flat; grad_output and the residual in the input's layout, so that every tensor
+# has unit stride, or NCHW under a channels_last input, so that none has.
+SIXTEEN_BIT_LINES = {
     "nchw-long": ((2, 3, 70, 70), "nchw", True),
     "cl-long": ((3, 1100, 2, 3), "channels_last", True),
     "nchw-short": ((9, 70, 5, 5), "nchw", True),
@@ -272,21 +284,22 @@ FLOAT16_STAGED = {
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("case", FLOAT16_STAGED)
-def test_cpu_float16_staged(case, training):
-    require("cpu", "cpu", torch.float16)
-    shape, layout, like_input = FLOAT16_STAGED[case]
-    x = make_input(shape, torch.float16, "cpu", layout)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", SIXTEEN_BIT_LINES)
+def test_cpu_16bit_lines(case, dtype, training):
+    require("cpu", "cpu", dtype)
+    shape, layout, like_input = SIXTEEN_BIT_LINES[case]
+    x = make_input(shape, dtype, "cpu", layout)
     run_and_compare("cpu", "cpu", x, residual=True, activation="relu", training=training,
                     operands_like_input=like_input)
     run_and_compare("cpu", "cpu", x, training=training, operands_like_input=like_input)
 
 
-# The float16 calls of `cases` (a list of (x, weight, bias, residual, running_mean, running_var,
-# grad_output)) whose elementwise passes convert in registers where the CPU has F16C: the
-# forwards, training and eval, and backward passes with the ReLU mask from the output, recomputed
-# or absent, training and eval, with grad_residual or not. Every output into the file argv[2].
-_FLOAT16_CALLS = r"""
+# The calls of `cases` (a list of (x, weight, bias, residual, running_mean, running_var,
+# grad_output)) whose passes convert in registers where the CPU can: the forwards, training and
+# eval, and backward passes with the ReLU mask from the output, recomputed or absent, training
+# and eval, with grad_residual or not. Every output into the file argv[2].
+_SIXTEEN_BIT_CALLS = r"""
 import sys, torch, cnnkern
 ops, outputs = torch.ops.cnnkern, []
 for x, w, b, r, rm, rv, g in torch.load(sys.argv[1]):
@@ -302,62 +315,66 @@ torch.save(outputs, sys.argv[2])
 """
 
 
-def test_cpu_float16_in_registers(tmp_path):
-    """Where the CPU has F16C, the float16 passes convert in registers, 8 values a step: the
-    reductions (the forward's statistics, the backward's sums) and the elementwise passes (the
-    forwards' normalize, the backward's grad_input and grad_residual); the portable loops
-    (CNNKERN_CPU_F16C=0, in a subprocess) convert a chunk at a time into float buffers. Both
-    must give the same bits: every line shape of FLOAT16_STAGED and a channel slice of each,
-    with and without a residual. The inputs' magnitudes spread over 2^-6 to 2^6, so that sums
-    of float16 values round in float32 and a sum taken in another order shows."""
-    require("cpu", "cpu", torch.float16)
-    if not _cpu_has_f16c() or os.environ.get("CNNKERN_CPU_F16C") == "0":
-        pytest.skip("no F16C here: the portable loops are all there is")
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d)[6:])
+def test_cpu_16bit_in_registers(dtype, tmp_path):
+    """Where the CPU has AVX2 and F16C, the 16-bit passes convert in registers, 8 values a step:
+    the reductions (the forward's statistics, the backward's sums) and the elementwise passes
+    (the forwards' normalize, the backward's grad_input and grad_residual); the portable loops
+    (CNNKERN_CPU_IN_REGISTERS=0, in a subprocess) convert float16 a chunk at a time into float
+    buffers, bfloat16 element by element. Both must give the same bits: every line shape of
+    SIXTEEN_BIT_LINES and a channel slice of each, with and without a residual. The inputs'
+    magnitudes spread over 2^-6 to 2^6, so that sums of 16-bit values round in float32 and a sum
+    taken in another order shows."""
+    require("cpu", "cpu", dtype)
+    if not _cpu_converts_in_registers() or os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0":
+        pytest.skip("no AVX2 and F16C here: the portable loops are all there is")
     cases = []
-    for (shape, layout, _), residual in itertools.product(FLOAT16_STAGED.values(), (False, True)):
+    for (shape, layout, _), residual in itertools.product(SIXTEEN_BIT_LINES.values(), (False, True)):
         for layout in (layout, "slice_cl" if layout == "channels_last" else "slice"):
-            x = make_input(shape, torch.float16, "cpu", layout, mean=0.3)
-            x.mul_(torch.exp2(torch.randint(-6, 7, x.shape)).half())  # in place: x keeps its strides
+            x = make_input(shape, dtype, "cpu", layout, mean=0.3)
+            x.mul_(torch.exp2(torch.randint(-6, 7, x.shape)).to(dtype))  # in place: x keeps its strides
             C = shape[1]
             r = torch.randn_like(x) if residual else None
             cases.append((x, torch.rand(C) + 0.5, torch.randn(C), r, torch.randn(C), torch.rand(C) + 0.5,
                           torch.randn_like(x)))
     torch.save(cases, tmp_path / "in.pt")
     results = {}
-    for name, env in (("portable", dict(os.environ, CNNKERN_CPU_F16C="0")), ("f16c", dict(os.environ))):
+    for name, env in (("portable", dict(os.environ, CNNKERN_CPU_IN_REGISTERS="0")), ("in_registers", dict(os.environ))):
         out = tmp_path / f"{name}.pt"
-        done = subprocess.run([sys.executable, "-c", _FLOAT16_CALLS, str(tmp_path / "in.pt"), str(out)],
+        done = subprocess.run([sys.executable, "-c", _SIXTEEN_BIT_CALLS, str(tmp_path / "in.pt"), str(out)],
                               capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr[-4000:]
         results[name] = torch.load(out)
-    assert len(results["f16c"]) == len(results["portable"]) > len(cases) * 10
-    for i, (ours, theirs) in enumerate(zip(results["f16c"], results["portable"])):
+    assert len(results["in_registers"]) == len(results["portable"]) > len(cases) * 10
+    for i, (ours, theirs) in enumerate(zip(results["in_registers"], results["portable"])):
         assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), f"output {i}"
 
 
-def _cpu_has_f16c() -> bool:
+def _cpu_converts_in_registers() -> bool:
     if platform.machine() not in ("x86_64", "AMD64"):
         return False
     with open("/proc/cpuinfo") as f:
-        return any(line.startswith("flags") and " f16c" in line for line in f)
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    return "avx2" in flags and "f16c" in flags
 
 
-def test_cpu_float16_conversions():
-    """The staged float16 loops convert with F16C where the CPU has it, and with the portable
-    loops under CNNKERN_CPU_F16C=0, which a subprocess runs the float16 tests with. The two
-    round alike; they differ in NaN payloads, which F16C keeps: that tells which one ran."""
+def test_cpu_portable_conversions():
+    """The 16-bit loops convert in registers where the CPU has AVX2 and F16C, and with the
+    portable loops under CNNKERN_CPU_IN_REGISTERS=0, which a subprocess runs the 16-bit tests
+    with. The two round alike; they differ in float16 NaN payloads, which F16C keeps: that tells
+    which one ran."""
     require("cpu", "cpu", torch.float16)
     nan = torch.tensor([0x7E01], dtype=torch.int16).view(torch.float16)  # a quiet NaN, payload 1
     x = nan.reshape(1, 1, 1).expand(2, 1, 64).contiguous()
     one, zero = torch.ones(1), torch.zeros(1)
     y = torch.ops.cnnkern.bn_forward_eval(x, one, zero, None, zero, one, 0.0, False)
-    portable = os.environ.get("CNNKERN_CPU_F16C") == "0"
-    expected = 0x7E00 if portable or not _cpu_has_f16c() else 0x7E01
+    portable = os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0"
+    expected = 0x7E00 if portable or not _cpu_converts_in_registers() else 0x7E01
     assert y.view(torch.int16).unique().tolist() == [expected]
     if portable:
         return
-    env = dict(os.environ, CNNKERN_CPU_F16C="0")
-    tests = "float16_rounding or float16_staged or float16_conversions"
+    env = dict(os.environ, CNNKERN_CPU_IN_REGISTERS="0")
+    tests = "16bit_rounding or 16bit_lines or portable_conversions"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

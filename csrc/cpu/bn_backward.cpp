@@ -34,7 +34,7 @@ struct GradCoeffs {
 };
 
 // Element k of a line of the elementwise pass: grad_input where kInput, grad_residual (= gz)
-// where kResidual. eight(k): elements k to k + 7, for float16 lines that convert in registers
+// where kResidual. eight(k): elements k to k + 7, for 16-bit lines that convert in registers
 // (csrc/cpu/in_registers.h).
 template <Mask kMask, bool kTraining, bool kInput, bool kResidual, typename scalar_t, typename In, typename Out,
           typename P>
@@ -54,9 +54,9 @@ struct GradElement {
     }
     if constexpr (kResidual) store(dr, k, gz);
   }
-#ifdef CNNKERN_F16C
-  CNNKERN_F16C_TARGET void eight(int64_t k) const {
-    const __m256 gz = relu_grad8<kMask>(g, y, x, mean, scale, shift, k);
+#ifdef CNNKERN_IN_REGISTERS
+  CNNKERN_AVX2_F16C void eight(int64_t k) const {
+    const __m256 gz = relu_grad8<kMask, scalar_t>(g, y, x, mean, scale, shift, k);
     if constexpr (kInput) {
       __m256 d = gz;
       if constexpr (kTraining) {

@@ -46,18 +46,19 @@ acc_t relu_grad(const G& g, const Y& y, const X& x, const P& mean, const P& scal
   }
 }
 
-#ifdef CNNKERN_F16C
-// relu_grad of elements k to k + 7 of float16 lines, converted in registers
+#ifdef CNNKERN_IN_REGISTERS
+// relu_grad of elements k to k + 7 of 16-bit lines, converted in registers
 // (csrc/cpu/in_registers.h): the same bits.
-template <Mask kMask, typename In, typename P>
-CNNKERN_F16C_TARGET __m256 relu_grad8(const In& g, const In& y, const In& x, const P& mean, const P& scale,
-                                      const P& shift, int64_t k) {
+template <Mask kMask, typename scalar_t, typename In, typename P>
+CNNKERN_AVX2_F16C __m256 relu_grad8(const In& g, const In& y, const In& x, const P& mean, const P& scale,
+                                    const P& shift, int64_t k) {
   const __m256 gk = load8(g, k);
   if constexpr (kMask == Mask::kOutput) {
     return _mm256_and_ps(_mm256_cmp_ps(load8(y, k), _mm256_setzero_ps(), _CMP_GT_OQ), gk);
   } else if constexpr (kMask == Mask::kRecomputed) {
     const __m256 v = normalized8(x, mean, scale, shift, k);
-    return _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(kHalfStoredZero), _CMP_GT_OQ), gk);  // stored_positive
+    const __m256 zero = _mm256_set1_ps(kStoredZero<scalar_t, float>);
+    return _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), gk);  // stored_positive
   } else {
     return gk;
   }

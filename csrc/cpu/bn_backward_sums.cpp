@@ -14,7 +14,7 @@ namespace cnnkern::cpu {
 namespace {
 
 // Element k of a line of grad_sums: (gz, gz * (x - mean)), gz stored to grad_residual where
-// kResidual. eight(k): elements k to k + 7, for float16 lines that convert in registers
+// kResidual. eight(k): elements k to k + 7, for 16-bit lines that convert in registers
 // (csrc/cpu/in_registers.h).
 template <Mask kMask, bool kResidual, typename scalar_t, typename In, typename Out, typename P>
 struct GradSumsElement {
@@ -27,9 +27,9 @@ struct GradSumsElement {
     if constexpr (kResidual) store(dr, k, gz);
     return {gz, gz * (static_cast<acc_t>(x[k]) - mean[k])};
   }
-#ifdef CNNKERN_F16C
-  CNNKERN_F16C_TARGET Pair8 eight(int64_t k) const {
-    const __m256 gz = relu_grad8<kMask>(g, y, x, mean, scale, shift, k);
+#ifdef CNNKERN_IN_REGISTERS
+  CNNKERN_AVX2_F16C Pair8 eight(int64_t k) const {
+    const __m256 gz = relu_grad8<kMask, scalar_t>(g, y, x, mean, scale, shift, k);
     if constexpr (kResidual) store8(dr, k, gz);
     return {gz, _mm256_mul_ps(gz, _mm256_sub_ps(load8(x, k), load8(mean, k)))};
   }

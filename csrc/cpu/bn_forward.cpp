@@ -25,7 +25,7 @@ using namespace cpu;  // NOLINT: the line walks and passes of bn_lines.h
 // ---- forward ------------------------------------------------------------------
 
 // Element k of a line of shifted_sums: (x - ref, (x - ref)^2). eight(k): elements k to k + 7,
-// for float16 lines that convert in registers (csrc/cpu/in_registers.h).
+// for 16-bit lines that convert in registers (csrc/cpu/in_registers.h).
 template <typename acc_t, typename In, typename P>
 struct ShiftedElement {
   In x;   // the input's line
@@ -34,8 +34,8 @@ struct ShiftedElement {
     const acc_t d = static_cast<acc_t>(x[k]) - ref[k];
     return {d, d * d};
   }
-#ifdef CNNKERN_F16C
-  CNNKERN_F16C_TARGET Pair8 eight(int64_t k) const {
+#ifdef CNNKERN_IN_REGISTERS
+  CNNKERN_AVX2_F16C Pair8 eight(int64_t k) const {
     const __m256 d = _mm256_sub_ps(load8(x, k), load8(ref, k));
     return {d, _mm256_mul_ps(d, d)};
   }
@@ -94,7 +94,7 @@ std::vector<at::opmath_type<scalar_t>> shift_values(const Strided3d& v, const sc
 }
 
 // Element k of a line of the normalize pass: y = act((x - mean) * scale + shift + r).
-// eight(k): elements k to k + 7, for float16 lines that convert in registers
+// eight(k): elements k to k + 7, for 16-bit lines that convert in registers
 // (csrc/cpu/in_registers.h).
 template <bool kResidual, bool kRelu, typename acc_t, typename In, typename Out, typename P>
 struct NormalizeElement {
@@ -107,8 +107,8 @@ struct NormalizeElement {
     if constexpr (kRelu) v = std::max(v, acc_t(0));
     store(y, k, v);
   }
-#ifdef CNNKERN_F16C
-  CNNKERN_F16C_TARGET void eight(int64_t k) const {
+#ifdef CNNKERN_IN_REGISTERS
+  CNNKERN_AVX2_F16C void eight(int64_t k) const {
     __m256 v = normalized8(x, mean, scale, shift, k);
     if constexpr (kResidual) v = _mm256_add_ps(v, load8(r, k));
     if constexpr (kRelu) v = _mm256_max_ps(_mm256_setzero_ps(), v);  // NaN stays NaN, as std::max(v, 0)

@@ -46,11 +46,21 @@ namespace cnnkern::cpu {
 // ---- walking (N, C, L) as lines ---------------------------------------------
 
 // The stage of the line loops of a pass over scalar_t tensors whose line strides are TS
-// (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time, or
-// in registers where the CPU has F16C (for_each_element, channel_sums).
+// (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time,
+// bfloat16 ones element by element, or either in registers where the CPU can (for_each_element,
+// channel_sums).
 template <typename scalar_t, typename TS, int64_t kChunk = kForwardChunk>
-using StageFor =
-    std::conditional_t<std::is_same_v<scalar_t, c10::Half> && std::is_same_v<TS, Unit>, Stage<kChunk>, NoStage>;
+using StageFor = std::conditional_t<
+    std::is_same_v<TS, Unit>,
+    std::conditional_t<std::is_same_v<scalar_t, c10::Half>, Stage<kChunk>,
+                       std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BFloat16Lines, NoStage>>,
+    NoStage>;
+
+// Whether scalar_t's lines of unit stride convert in registers (csrc/cpu/in_registers.h).
+template <typename scalar_t>
+bool unit_lines_in_registers() {
+  return kSixteenBitLines<StageFor<scalar_t, Unit>> && converts_in_registers();
+}
 
 // A tensor (or a per-channel array) as lines (n, j), j < J.
 template <typename T, typename S>
@@ -93,7 +103,7 @@ constexpr int64_t kShortRun = 2048;
 // took 0.12 ms line by line, 0.05 ms so; at 6x6 the two ways ran level, at 7x7 and 8x8 the
 // flat lines were 6-11% slower (bench/NOTES.md).
 constexpr int64_t kFlatLine = 36;
-// The same for float16 lines that convert in registers (7x7 and smaller): their loop is a call
+// The same for 16-bit lines that convert in registers (7x7 and smaller): their loop is a call
 // per line, and at 7x7 the flat lines ran the float16 passes at 0.59-0.86 of line by line
 // (float32 at 0.90-1.14: kFlatLine stays).
 constexpr int64_t kFlatLineInRegisters = 49;
@@ -290,8 +300,9 @@ bool for_position_runs(const Walk& w, std::initializer_list<const at::Tensor*> t
 template <typename scalar_t, typename F>
 bool for_flat_lines(const Walk& w, std::initializer_list<const at::Tensor*> tensors, const F& f) {
   if (w.along_c) return for_position_runs(w, tensors, f);
-  const bool in_registers = std::is_same_v<scalar_t, c10::Half> && use_f16c();
-  if (!w.has_flat_lines(tensors, in_registers ? kFlatLineInRegisters : kFlatLine)) return false;
+  if (!w.has_flat_lines(tensors, unit_lines_in_registers<scalar_t>() ? kFlatLineInRegisters : kFlatLine)) {
+    return false;
+  }
   const int64_t run = std::max<int64_t>(1, kShortRun / w.len);
   at::parallel_for(0, w.nc, run, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i += run) {
@@ -344,7 +355,7 @@ void dispatch_bool(bool b, const F& f) {
 
 // Line functions: line_fn(n, j, stage) gives the element function of line (n, j), elem(k),
 // its tensors' lines wrapped by `stage`, an St (StageFor; csrc/cpu/stage.h). The element
-// functions of float16 passes also give 8 elements a step, elem.eight(k), for the lines that
+// functions of 16-bit passes also give 8 elements a step, elem.eight(k), for the lines that
 // convert in registers (csrc/cpu/in_registers.h).
 
 // Runs line_fn(n, j, stage)(k) for every element of segments [begin, end).
@@ -357,13 +368,13 @@ CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t 
 }
 
 // Runs line_fn(n, j, stage)(k) for every element (n, j, k), in parallel over segments. St, the
-// lines' stage: float16 lines (a Stage) convert in registers instead where the CPU has F16C,
+// lines' stage: 16-bit lines of unit stride convert in registers instead where the CPU can,
 // and the element functions then take 8 elements a step (csrc/cpu/in_registers.h).
 template <typename St, typename LineFn>
 void for_each_element(const Walk& w, const LineFn& line_fn) {
-#ifdef CNNKERN_F16C
-  if constexpr (kStaged<St>) {
-    if (use_f16c()) return for_each_element<InRegisters>(w, line_fn);
+#ifdef CNNKERN_IN_REGISTERS
+  if constexpr (kSixteenBitLines<St>) {
+    if (converts_in_registers()) return for_each_element<InRegisters>(w, line_fn);
   }
 #endif
   at::parallel_for(0, w.items(), w.grain(),
@@ -509,9 +520,9 @@ inline int usable_threads() { return at::in_parallel_region() ? 1 : at::get_num_
 // St, the lines' stage, as for for_each_element.
 template <typename acc_t, typename ChannelStride, bool kGroupLines, typename St, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
-#ifdef CNNKERN_F16C
-  if constexpr (kStaged<St>) {
-    if (use_f16c()) return channel_sums<acc_t, ChannelStride, kGroupLines, InRegisters>(w, line_fn);
+#ifdef CNNKERN_IN_REGISTERS
+  if constexpr (kSixteenBitLines<St>) {
+    if (converts_in_registers()) return channel_sums<acc_t, ChannelStride, kGroupLines, InRegisters>(w, line_fn);
   }
 #endif
   const int64_t size = 2 * w.nc;
@@ -615,29 +626,25 @@ acc_t normalized(acc_t x, acc_t mean, acc_t scale, acc_t shift) {
   return (x - mean) * scale + shift;
 }
 
-#ifdef CNNKERN_F16C
+#ifdef CNNKERN_IN_REGISTERS
 // normalized() of elements k to k + 7 of lines that convert in registers, in the same order.
 template <typename In, typename P>
-CNNKERN_F16C_TARGET __m256 normalized8(const In& x, const P& mean, const P& scale, const P& shift, int64_t k) {
+CNNKERN_AVX2_F16C __m256 normalized8(const In& x, const P& mean, const P& scale, const P& shift, int64_t k) {
   return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(scale, k)), load8(shift, k));
 }
 #endif
 
-// The largest float that float16 stores as 0: half its smallest subnormal (2^-24), the tie
-// rounding to even.
-constexpr float kHalfStoredZero = 0x1p-25f;
+// The largest acc_t that scalar_t stores as 0: half the smallest subnormal of float16 (2^-24)
+// and of bfloat16 (2^-133), the tie rounding to even; 0 where scalar_t is acc_t.
+template <typename scalar_t, typename acc_t>
+constexpr acc_t kStoredZero = std::is_same_v<scalar_t, c10::Half>       ? acc_t(0x1p-25f)
+                              : std::is_same_v<scalar_t, c10::BFloat16> ? acc_t(0x1p-134f)
+                                                                        : acc_t(0);
 
-// Whether `v` is still > 0 once stored as scalar_t: float16 and bfloat16 round positive
-// values up to half their smallest subnormal (2^-24, 2^-133) to 0, ties to even included.
+// Whether `v` is still > 0 once stored as scalar_t.
 template <typename scalar_t, typename acc_t>
 bool stored_positive(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    return v > kHalfStoredZero;
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return v > 0x1p-134f;
-  } else {
-    return v > acc_t(0);
-  }
+  return v > kStoredZero<scalar_t, acc_t>;
 }
 
 // The tensor of an optional argument, or an undefined one for None.

@@ -6,13 +6,15 @@
 // float16 kernels' loops did: they ran 15x slower than eager's (bench/NOTES.md).
 // from_acc<c10::Half> computes the same bits as c10's portable conversion (round to nearest
 // even; NaN gives 0x7E00) in a form GCC vectorizes, given -fno-trapping-math (setup.py).
+// c10::BFloat16's conversions (a shift, and a rounding GCC if-converts) vectorize as they are.
 //
 // halves_to_floats / floats_to_halves: float16 a run at a time, for the staged line loops
-// (csrc/cpu/stage.h), where the CPU lacks F16C. Element by element, the conversions in
-// software took most of a float16 kernel's time (eval 2.6x eager's). F16C converts 8 values in
-// one instruction, and GCC 12 vectorizes no conversion to or from _Float16, so the loops call
-// it themselves where the CPU has it, in registers (csrc/cpu/in_registers.h). Both ways round
-// to nearest even: the same bits, but for NaN payloads, which F16C keeps.
+// (csrc/cpu/stage.h), where the CPU cannot convert in registers. Element by element, the
+// conversions in software took most of a float16 kernel's time (eval 2.6x eager's). F16C
+// converts 8 values in one instruction, and GCC 12 vectorizes no conversion to or from
+// _Float16, so the loops call it themselves where the CPU has it, in registers
+// (csrc/cpu/in_registers.h). Both ways round to nearest even: the same bits, but for NaN
+// payloads, which F16C keeps.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/Half.h>
@@ -25,7 +27,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CNNKERN_F16C 1
+#define CNNKERN_IN_REGISTERS 1
 #include <immintrin.h>
 #endif
 
@@ -53,14 +55,15 @@ inline c10::Half from_acc<c10::Half>(float v) {
   return c10::Half(static_cast<uint16_t>(sign | (two_w > 0xFF000000u ? 0x7E00u : nonsign)), c10::Half::from_bits());
 }
 
-// Whether the float16 line loops convert with F16C, in registers: where the CPU has it, unless
-// CNNKERN_CPU_F16C=0 (read once per process; the tests use it to check the portable loops).
-inline bool use_f16c() {
-#ifdef CNNKERN_F16C
+// Whether the 16-bit line loops convert in registers (csrc/cpu/in_registers.h): where the CPU
+// has AVX2 and F16C, unless CNNKERN_CPU_IN_REGISTERS=0 (read once per process; the tests use it
+// to check the portable loops).
+inline bool converts_in_registers() {
+#ifdef CNNKERN_IN_REGISTERS
   static const bool use = [] {
-    const char* env = std::getenv("CNNKERN_CPU_F16C");
+    const char* env = std::getenv("CNNKERN_CPU_IN_REGISTERS");
     const bool allowed = env == nullptr || std::strcmp(env, "0") != 0;
-    return allowed && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    return allowed && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   }();
   return use;
 #else

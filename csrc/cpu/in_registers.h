@@ -1,17 +1,21 @@
-// float16 line loops that convert in registers (F16C), 8 values a step: where the CPU has F16C,
-// the stage of float16 lines of unit stride in place of Stage (csrc/cpu/stage.h), which
-// converts a chunk into a float buffer, runs the loop over it and converts back. The element
-// functions give 8 values a step, elem.eight(k) (a pair of __m256 in the sums), and one at a
-// time, elem(k), as for the other stages: a chunk's last few (the elementwise passes redo its
-// last 8 instead). Both forms compute what the staged loop does, in the same order, rounded the
-// same way (to nearest even): the same bits, in one pass over the lines instead of three.
+// 16-bit line loops that convert in registers, 8 values a step: where the CPU has AVX2 and F16C
+// (converts_in_registers()), the stage of float16 and bfloat16 lines of unit stride in place of
+// their portable ones (csrc/cpu/stage.h): Stage, which converts a float16 chunk into a float
+// buffer, runs the loop over it and converts back, and NoStage, whose bfloat16 loops GCC
+// vectorizes with twice the instructions of these (callgrind, eval). The element functions give
+// 8 values a step, elem.eight(k) (a pair of __m256 in the sums), and one at a time, elem(k), as
+// for the other stages: a chunk's last few (the elementwise passes redo its last 8 instead).
+// Both forms compute what the portable loops do, in the same order, rounded the same way (to
+// nearest even): the same bits.
 //
-// The loops carry F16C's target attribute, so the passes' functions, which GCC clones for AVX2
-// and the baseline (CNNKERN_VECTOR_CLONES, bn_lines.h), call them out of line, once a chunk.
+// The loops carry AVX2 and F16C's target attribute, so the passes' functions, which GCC clones
+// for AVX2 and the baseline (CNNKERN_VECTOR_CLONES, bn_lines.h), call them out of line, once a
+// chunk.
 #pragma once
 #include "cpu/element_cast.h"
 
-#ifdef CNNKERN_F16C
+#ifdef CNNKERN_IN_REGISTERS
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <array>
@@ -21,25 +25,40 @@
 #include "cpu/line.h"
 #include "cpu/stage.h"
 
-#define CNNKERN_F16C_TARGET __attribute__((target("avx,f16c")))
+#define CNNKERN_AVX2_F16C __attribute__((target("avx2,f16c")))
 
 namespace cnnkern::cpu {
 
-// 8 values of a line as floats from element k on: a float16 tensor's, or a per-channel array's
+// 8 values of a line as floats from element k on: a 16-bit tensor's, or a per-channel array's
 // (along the line, or one channel's value 8 times).
-CNNKERN_F16C_TARGET inline __m256 load8(const Line<const c10::Half, Unit>& line, int64_t k) {
+CNNKERN_AVX2_F16C inline __m256 load8(const Line<const c10::Half, Unit>& line, int64_t k) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(line.p + k)));
 }
-CNNKERN_F16C_TARGET inline __m256 load8(const Line<const float, Unit>& line, int64_t k) {
+CNNKERN_AVX2_F16C inline __m256 load8(const Line<const c10::BFloat16, Unit>& line, int64_t k) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(line.p + k));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));  // a float's top half
+}
+CNNKERN_AVX2_F16C inline __m256 load8(const Line<const float, Unit>& line, int64_t k) {
   return _mm256_loadu_ps(line.p + k);
 }
-CNNKERN_F16C_TARGET inline __m256 load8(const Line<const float, Bcast>& line, int64_t) {
+CNNKERN_AVX2_F16C inline __m256 load8(const Line<const float, Bcast>& line, int64_t) {
   return _mm256_broadcast_ss(line.p);
 }
 
-// Elements k to k + 7 of a float16 line set to v, rounded to nearest even.
-CNNKERN_F16C_TARGET inline void store8(const Line<c10::Half, Unit>& line, int64_t k, __m256 v) {
+// Elements k to k + 7 of a 16-bit line set to v, rounded to nearest even.
+CNNKERN_AVX2_F16C inline void store8(const Line<c10::Half, Unit>& line, int64_t k, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(line.p + k), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// As c10's rounding: the float's bits plus 0x7FFF and the kept half's lowest bit, which carries
+// into that half where the dropped one is past the tie (or at it, to even); NaN gives 0x7FC0.
+CNNKERN_AVX2_F16C inline void store8(const Line<c10::BFloat16, Unit>& line, int64_t k, __m256 v) {
+  const __m256i w = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(w, 16), _mm256_set1_epi32(1));
+  __m256i top = _mm256_srli_epi32(_mm256_add_epi32(w, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  top = _mm256_blendv_epi8(top, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(line.p + k), halves);
 }
 
 // The pair of 8 values each that an element function of the sums gives (a struct: std::pair
@@ -58,7 +77,7 @@ struct InRegisters : Unchunked {
   // the outputs it rewrites get the same bits (no pass writes a tensor it reads), where one at a
   // time they cost as much as the 6 steps before them on a 7x7 line (callgrind).
   template <typename E>
-  CNNKERN_F16C_TARGET static void apply(const E& __restrict elem, int64_t c0, int64_t c1) {
+  CNNKERN_AVX2_F16C static void apply(const E& __restrict elem, int64_t c0, int64_t c1) {
     int64_t k = c0;
 #pragma GCC unroll 4
     for (; k + 8 <= c1; k += 8) elem.eight(k);
@@ -67,7 +86,7 @@ struct InRegisters : Unchunked {
   }
 
   template <typename E>
-  CNNKERN_F16C_TARGET static void add_pairs(const E& __restrict elem, float* a, float* b, int64_t c0, int64_t c1) {
+  CNNKERN_AVX2_F16C static void add_pairs(const E& __restrict elem, float* a, float* b, int64_t c0, int64_t c1) {
     int64_t k = c0;
 #pragma GCC unroll 2
     for (; k + 8 <= c1; k += 8) {
@@ -83,8 +102,8 @@ struct InRegisters : Unchunked {
   }
 
   template <typename E>
-  CNNKERN_F16C_TARGET static void add_pairs4(const std::array<E, 4>& __restrict e, float* a, float* b, int64_t c0,
-                                             int64_t c1) {
+  CNNKERN_AVX2_F16C static void add_pairs4(const std::array<E, 4>& __restrict e, float* a, float* b, int64_t c0,
+                                           int64_t c1) {
     int64_t k = c0;
     for (; k + 8 <= c1; k += 8) {
       const Pair8 p0 = e[0].eight(k), p1 = e[1].eight(k), p2 = e[2].eight(k), p3 = e[3].eight(k);
@@ -104,8 +123,8 @@ struct InRegisters : Unchunked {
 
   // 16 lanes, in 2 registers per sum.
   template <int64_t kLanes, typename E>
-  CNNKERN_F16C_TARGET static void add_pairs_to_lanes(const E& __restrict elem, float* a, float* b, int64_t c0,
-                                                     int64_t c1) {
+  CNNKERN_AVX2_F16C static void add_pairs_to_lanes(const E& __restrict elem, float* a, float* b, int64_t c0,
+                                                   int64_t c1) {
     static_assert(kLanes == 16, "two registers of lanes per sum");
     __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
     __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);

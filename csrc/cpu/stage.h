@@ -1,5 +1,5 @@
-// Staged line loops for float16, used by the passes of bn_lines.h where the CPU lacks F16C or
-// under CNNKERN_CPU_F16C=0 (with F16C they convert in registers, csrc/cpu/in_registers.h): a
+// Staged line loops for float16, used by the passes of bn_lines.h where the CPU cannot convert
+// in registers (csrc/cpu/in_registers.h) or under CNNKERN_CPU_IN_REGISTERS=0: a
 // loop over elements [k0, k1) of some lines runs a chunk of them at a time, its float16 lines
 // read from and written to float buffers that are converted a chunk at a time (halves_to_floats
 // and floats_to_halves). Element by element, the conversions took most of the float16 kernels'
@@ -185,10 +185,15 @@ class Stage : public ElementLoops {
   int used_ = 0, outputs_ = 0;
 };
 
-// Whether St is a Stage: float16 lines of unit stride.
+// bfloat16 lines of unit stride where the CPU cannot convert them in registers: element by
+// element, as NoStage (bfloat16's conversions vectorize as they are).
+struct BFloat16Lines : NoStage {};
+
+// Whether St serves 16-bit lines of unit stride (float16's Stage, BFloat16Lines): the lines
+// that convert in registers instead where the CPU can (converts_in_registers()).
 template <typename St>
-constexpr bool kStaged = false;
+constexpr bool kSixteenBitLines = std::is_same_v<St, BFloat16Lines>;
 template <int64_t kChunk>
-constexpr bool kStaged<Stage<kChunk>> = true;
+constexpr bool kSixteenBitLines<Stage<kChunk>> = true;
 
 }  // namespace cnnkern::cpu
