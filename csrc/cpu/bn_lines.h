@@ -68,7 +68,13 @@ struct Lines {
   T* data;
   int64_t s_n, s_j;
   S stride;
-  Line<T, S> line(int64_t n, int64_t j) const { return {data + n * s_n + j * s_j, stride}; }
+  Line<T, S> line(int64_t n, int64_t j) const {
+    if constexpr (std::is_same_v<S, Bcast>) {
+      return {data[n * s_n + j * s_j]};
+    } else {
+      return {data + n * s_n + j * s_j, stride};
+    }
+  }
 };
 
 // Lines are cut into segments of at most kSegment elements, the unit of parallel

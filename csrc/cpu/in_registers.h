@@ -42,7 +42,7 @@ CNNKERN_AVX2_F16C inline __m256 load8(const Line<const float, Unit>& line, int64
   return _mm256_loadu_ps(line.p + k);
 }
 CNNKERN_AVX2_F16C inline __m256 load8(const Line<const float, Bcast>& line, int64_t) {
-  return _mm256_broadcast_ss(line.p);
+  return _mm256_set1_ps(line.v);
 }
 
 // Elements k to k + 7 of a 16-bit line set to v, rounded to nearest even.

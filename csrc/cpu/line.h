@@ -31,4 +31,13 @@ struct Line {
   T& operator[](int64_t k) const { return p[k * stride]; }
 };
 
+// A per-channel array's line along L: one channel's value for every element, held by value, so
+// that the loops keep it in a register. Through a pointer, it was loaded again after every store
+// that may alias it: a 16-bit line's vector stores (csrc/cpu/in_registers.h) may alias anything.
+template <typename T>
+struct Line<T, Bcast> {
+  std::remove_const_t<T> v;
+  std::remove_const_t<T> operator[](int64_t) const { return v; }
+};
+
 }  // namespace cnnkern::cpu
