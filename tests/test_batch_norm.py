@@ -296,10 +296,11 @@ def test_cpu_16bit_lines(case, dtype, training):
 
 
 # The calls of `cases` (a list of (x, weight, bias, residual, running_mean, running_var,
-# grad_output)) whose passes convert in registers where the CPU can: the forwards, training and
-# eval, and backward passes with the ReLU mask from the output, recomputed or absent, training
-# and eval, with grad_residual or not. Every output into the file argv[2].
-_SIXTEEN_BIT_CALLS = r"""
+# grad_output)) that run every pass of the CPU kernels: the forwards, training and eval, and
+# backward passes with the ReLU mask from the output, recomputed or absent, training and eval,
+# with grad_residual or not (eval with grad_residual wanted: an elementwise pass with two
+# outputs). Every output into the file argv[2].
+_PASS_CALLS = r"""
 import sys, torch, cnnkern
 ops, outputs = torch.ops.cnnkern, []
 for x, w, b, r, rm, rv, g in torch.load(sys.argv[1]):
@@ -315,19 +316,11 @@ torch.save(outputs, sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d)[6:])
-def test_cpu_16bit_in_registers(dtype, tmp_path):
-    """Where the CPU has AVX2 and F16C, the 16-bit passes convert in registers, 8 values a step:
-    the reductions (the forward's statistics, the backward's sums) and the elementwise passes
-    (the forwards' normalize, the backward's grad_input and grad_residual); the portable loops
-    (CNNKERN_CPU_IN_REGISTERS=0, in a subprocess) convert float16 a chunk at a time into float
-    buffers, bfloat16 element by element. Both must give the same bits: every line shape of
-    SIXTEEN_BIT_LINES and a channel slice of each, with and without a residual. The inputs'
-    magnitudes spread over 2^-6 to 2^6, so that sums of 16-bit values round in float32 and a sum
-    taken in another order shows."""
-    require("cpu", "cpu", dtype)
-    if not _cpu_converts_in_registers() or os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0":
-        pytest.skip("no AVX2 and F16C here: the portable loops are all there is")
+def _same_bits_under(envs, dtype, tmp_path):
+    """Runs _PASS_CALLS in a subprocess under each of `envs` (two environment overrides) over
+    every line shape of SIXTEEN_BIT_LINES and a channel slice of each, with and without a
+    residual, and asserts that both give the same bits. The inputs' magnitudes spread over 2^-6
+    to 2^6, so that sums of 16-bit values round in float32 and a sum taken in another order shows."""
     cases = []
     for (shape, layout, _), residual in itertools.product(SIXTEEN_BIT_LINES.values(), (False, True)):
         for layout in (layout, "slice_cl" if layout == "channels_last" else "slice"):
@@ -338,16 +331,45 @@ def test_cpu_16bit_in_registers(dtype, tmp_path):
             cases.append((x, torch.rand(C) + 0.5, torch.randn(C), r, torch.randn(C), torch.rand(C) + 0.5,
                           torch.randn_like(x)))
     torch.save(cases, tmp_path / "in.pt")
-    results = {}
-    for name, env in (("portable", dict(os.environ, CNNKERN_CPU_IN_REGISTERS="0")), ("in_registers", dict(os.environ))):
-        out = tmp_path / f"{name}.pt"
-        done = subprocess.run([sys.executable, "-c", _SIXTEEN_BIT_CALLS, str(tmp_path / "in.pt"), str(out)],
-                              capture_output=True, text=True, env=env)
+    results = []
+    for i, env in enumerate(envs):
+        out = tmp_path / f"out{i}.pt"
+        done = subprocess.run([sys.executable, "-c", _PASS_CALLS, str(tmp_path / "in.pt"), str(out)],
+                              capture_output=True, text=True, env=dict(os.environ, **env))
         assert done.returncode == 0, done.stderr[-4000:]
-        results[name] = torch.load(out)
-    assert len(results["in_registers"]) == len(results["portable"]) > len(cases) * 10
-    for i, (ours, theirs) in enumerate(zip(results["in_registers"], results["portable"])):
-        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), f"output {i}"
+        results.append(torch.load(out))
+    assert len(results[0]) == len(results[1]) > len(cases) * 10
+    bits = {2: torch.int16, 4: torch.int32}
+    for i, (ours, theirs) in enumerate(zip(*results)):
+        assert torch.equal(ours.view(bits[ours.element_size()]), theirs.view(bits[theirs.element_size()])), \
+            f"output {i}"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d)[6:])
+def test_cpu_16bit_in_registers(dtype, tmp_path):
+    """Where the CPU has AVX2 and F16C, the 16-bit passes convert in registers, 8 values a step:
+    the reductions (the forward's statistics, the backward's sums) and the elementwise passes
+    (the forwards' normalize, the backward's grad_input and grad_residual); the portable loops
+    (CNNKERN_CPU_IN_REGISTERS=0) convert float16 a chunk at a time into float buffers, bfloat16
+    element by element. Both must give the same bits."""
+    require("cpu", "cpu", dtype)
+    if not _cpu_converts_in_registers() or os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0":
+        pytest.skip("no AVX2 and F16C here: the portable loops are all there is")
+    _same_bits_under([{"CNNKERN_CPU_IN_REGISTERS": "0"}, {}], dtype, tmp_path)
+
+
+def test_cpu_streamed_stores(tmp_path):
+    """The float32 elementwise passes of ops too large for the last-level cache store their
+    outputs around it, 8 values a step (csrc/cpu/streamed.h), where the CPU has AVX2;
+    CNNKERN_CPU_STREAM_STORES=1 streams at any size. A loop takes single elements up to the first
+    output line's aligned 8 and past its last 8, and streams only whole cache lines: lines of
+    every alignment and length (70x70 NCHW lines start 16 bytes apart), two outputs in one pass,
+    strided lines (which never stream). The same bits as the cached stores (=0)."""
+    require("cpu", "cpu", torch.float32)
+    if not _cpu_converts_in_registers() or os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0":
+        pytest.skip("no AVX2 here: the portable loops do not stream")
+    _same_bits_under([{"CNNKERN_CPU_STREAM_STORES": "0"}, {"CNNKERN_CPU_STREAM_STORES": "1"}], torch.float32,
+                     tmp_path)
 
 
 def _cpu_converts_in_registers() -> bool:

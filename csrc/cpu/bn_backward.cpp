@@ -137,7 +137,11 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
                              const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                              const at::Tensor& grad_residual) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Walk w(view3d(input, "input"));
+  Walk w(view3d(input, "input"));
+  // The two passes touch grad_output, input, the output (a mask read from it), grad_residual and
+  // grad_input.
+  const int64_t tensors = 2 + (mask == Mask::kOutput) + grad_residual.defined() + grad_input.defined();
+  w.streams_outputs = streams_outputs(tensors * input.nbytes());
   const int64_t C = w.C;
   const acc_t* mean_p = mean.data_ptr<acc_t>();
   const acc_t* invstd_p = invstd.data_ptr<acc_t>();
@@ -168,9 +172,6 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
   };
   if (!need_sums) return elementwise(w);
 
-  // The two passes touch grad_output, input, the output (a mask read from it),
-  // grad_residual and grad_input.
-  const int64_t tensors = 2 + (mask == Mask::kOutput) + grad_residual.defined() + grad_input.defined();
   by_channel_blocks(w, tensors * w.M * input.element_size(), [&](const Walk& part) {
     const std::vector<double> sums = grad_sums<scalar_t>(part, grad_output, input, output, coeffs.affine, mask,
                                                          residual_first ? grad_residual : at::Tensor());

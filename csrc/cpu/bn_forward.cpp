@@ -163,7 +163,10 @@ void bn_forward_train_kernel_impl(const at::Tensor& input, const at::Tensor& wei
                                   const at::Tensor& save_invstd) {
   using acc_t = at::opmath_type<scalar_t>;
   const Strided3d xv = view3d(input, "input");
-  const Walk w(xv);
+  // The two passes touch x, the residual and the output.
+  const int64_t tensors = 2 + residual.defined();
+  Walk w(xv);
+  w.streams_outputs = streams_outputs(tensors * input.nbytes());
   const int64_t C = w.C;
   const std::vector<acc_t> ref = shift_values(xv, input.data_ptr<scalar_t>());
 
@@ -177,8 +180,6 @@ void bn_forward_train_kernel_impl(const at::Tensor& input, const at::Tensor& wei
   const acc_t keep = static_cast<acc_t>(1 - momentum), take = static_cast<acc_t>(momentum);
   const double unbias = static_cast<double>(w.M) / (w.M - 1);
 
-  // The two passes touch x, the residual and the output.
-  const int64_t tensors = 2 + residual.defined();
   by_channel_blocks(w, tensors * w.M * input.element_size(), [&](const Walk& part) {
     const std::vector<double> sums = shifted_sums<scalar_t>(part, input, ref.data());
     for (int64_t i = 0; i < part.nc; ++i) {
@@ -201,7 +202,8 @@ void bn_forward_eval_kernel_impl(const at::Tensor& input, const at::Tensor& weig
                                  const at::Tensor& residual, const at::Tensor& running_mean,
                                  const at::Tensor& running_var, double eps, bool relu, const at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Walk w(view3d(input, "input"));
+  Walk w(view3d(input, "input"));
+  w.streams_outputs = streams_outputs((2 + residual.defined()) * input.nbytes());
   const int64_t C = w.C;
   Affine<acc_t> affine{param_or<acc_t, param_t>(running_mean, C, 0), param_or<acc_t, param_t>(weight, C, 1),
                        param_or<acc_t, param_t>(bias, C, 0)};

@@ -25,9 +25,14 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <initializer_list>
+#include <limits>
 #include <numeric>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -40,6 +45,7 @@
 #include "cpu/in_registers.h"
 #include "cpu/line.h"
 #include "cpu/stage.h"
+#include "cpu/streamed.h"
 
 namespace cnnkern::cpu {
 
@@ -48,12 +54,15 @@ namespace cnnkern::cpu {
 // The stage of the line loops of a pass over scalar_t tensors whose line strides are TS
 // (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time,
 // bfloat16 ones element by element, or either in registers where the CPU can (for_each_element,
-// channel_sums).
+// channel_sums); float32 ones element by element, or 8 values a step with their outputs
+// streamed where an op is too large for the caches (for_each_element).
 template <typename scalar_t, typename TS, int64_t kChunk = kForwardChunk>
 using StageFor = std::conditional_t<
     std::is_same_v<TS, Unit>,
-    std::conditional_t<std::is_same_v<scalar_t, c10::Half>, Stage<kChunk>,
-                       std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BFloat16Lines, NoStage>>,
+    std::conditional_t<
+        std::is_same_v<scalar_t, c10::Half>, Stage<kChunk>,
+        std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BFloat16Lines,
+                           std::conditional_t<std::is_same_v<scalar_t, float>, Float32Lines, NoStage>>>,
     NoStage>;
 
 // Whether scalar_t's lines of unit stride convert in registers (csrc/cpu/in_registers.h).
@@ -145,6 +154,9 @@ struct Walk {
   // `rep` elements, and per-channel arrays are read expanded (expand_channels).
   bool flat = false;
   int64_t positions = 1, rep = 1;
+  // float32 elementwise passes store their outputs around the caches (the op sets it:
+  // streams_outputs).
+  bool streams_outputs = false;
 
   explicit Walk(const Strided3d& x)
       : along_c(walk_along_c(x)),
@@ -369,16 +381,20 @@ template <typename St, typename LineFn>
 CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t end, const LineFn& line_fn) {
   St stage;
   w.for_segments(begin, end, [&](int64_t n, int64_t j, int64_t k0, int64_t k1) {
-    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) { St::apply(line_fn(n, j, stage), c0, c1); });
+    stage.for_chunks(k0, k1, [&](int64_t c0, int64_t c1) { stage.apply(line_fn(n, j, stage), c0, c1); });
   });
 }
 
 // Runs line_fn(n, j, stage)(k) for every element (n, j, k), in parallel over segments. St, the
 // lines' stage: 16-bit lines of unit stride convert in registers instead where the CPU can,
-// and the element functions then take 8 elements a step (csrc/cpu/in_registers.h).
+// and the element functions then take 8 elements a step (csrc/cpu/in_registers.h); float32 ones
+// do so where the walk streams its outputs (csrc/cpu/streamed.h).
 template <typename St, typename LineFn>
 void for_each_element(const Walk& w, const LineFn& line_fn) {
 #ifdef CNNKERN_IN_REGISTERS
+  if constexpr (std::is_same_v<St, Float32Lines>) {
+    if (w.streams_outputs) return for_each_element<Streamed>(w, line_fn);
+  }
   if constexpr (kSixteenBitLines<St>) {
     if (converts_in_registers()) return for_each_element<InRegisters>(w, line_fn);
   }
@@ -573,6 +589,46 @@ inline int64_t l2_bytes() {
     return v > 0 ? int64_t(v) : int64_t(1) << 20;  // 1 MiB where the OS does not say
   }();
   return bytes;
+}
+
+// The last-level cache's size, as Linux's sysfs gives it for cpu0 (what lscpu shows), else
+// sysconf's; 0 where neither says. (In a VM sysconf may report the host's: 320 MB on the
+// project's 2-core AMD EPYC, where sysfs and lscpu say 32 MB.)
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t size = 0, level = 0;
+    for (int i = 0;; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+      if (!level_file) break;
+      int64_t l = 0, kib = 0;
+      std::string type, unit;
+      level_file >> l;
+      type_file >> type;
+      size_file >> kib >> unit;  // "32768K"
+      if (type != "Instruction" && unit == "K" && l > level) level = l, size = kib << 10;
+    }
+    if (size > 0) return size;
+    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(0);
+  }();
+  return bytes;
+}
+
+// Whether a float32 op whose tensors hold `bytes` in all stores its elementwise pass's outputs
+// around the caches (csrc/cpu/streamed.h): where the CPU has the 8-value loops and those bytes
+// exceed the last-level cache by half (short of that, a call left enough of its outputs in the
+// cache for the next to gain more). CNNKERN_CPU_STREAM_STORES=1 streams at any size, =0 never
+// (read once per process).
+inline bool streams_outputs(int64_t bytes) {
+  static const int64_t threshold = [] {
+    const char* env = std::getenv("CNNKERN_CPU_STREAM_STORES");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return std::numeric_limits<int64_t>::max();
+    if (env != nullptr && std::strcmp(env, "1") == 0) return int64_t(0);
+    const int64_t cache = last_level_cache_bytes();
+    return cache > 0 ? cache + cache / 2 : std::numeric_limits<int64_t>::max();
+  }();
+  return converts_in_registers() && bytes > threshold;
 }
 
 // Calls f(part) for blocks of channels in parallel (each block's two passes on one

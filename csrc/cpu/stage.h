@@ -189,6 +189,11 @@ class Stage : public ElementLoops {
 // element, as NoStage (bfloat16's conversions vectorize as they are).
 struct BFloat16Lines : NoStage {};
 
+// float32 lines of unit stride: element by element, as NoStage (GCC vectorizes them), but in the
+// elementwise passes of ops too large for the caches, whose outputs the Streamed stage stores
+// around them (csrc/cpu/streamed.h).
+struct Float32Lines : NoStage {};
+
 // Whether St serves 16-bit lines of unit stride (float16's Stage, BFloat16Lines): the lines
 // that convert in registers instead where the CPU can (converts_in_registers()).
 template <typename St>

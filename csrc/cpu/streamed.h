@@ -1,0 +1,98 @@
+// The elementwise passes of float32 ops too large for the caches: their outputs stored around
+// the caches (non-temporal stores), 8 values a step, where an op's tensors exceed the last-level
+// cache by half (streams_outputs, bn_lines.h).
+//
+// A store through the cache first reads its cache line from memory, only to overwrite it, and
+// the cache writes it back later: 2 units of traffic for a written tensor, where a streamed store
+// moves 1. Alternating calls in one process (2-core AMD EPYC, 32 MB L3; bench/NOTES.md): at
+// 32x64x56x56 (25.7 MB a tensor) the training forward + backward took 0.89-0.95x the time
+// streamed, and 0.9-1.05x at 16x256x28x28; at 16x1024x14x14 (12.8 MB a tensor, 38.5 MB an op)
+// the backward took 1.17x, its outputs no longer left in the cache for the next call: hence the
+// margin. bfloat16 took 1.06-1.22x streamed, even at 25.7 MB a tensor: 16-bit lines do not stream.
+#pragma once
+#include "cpu/element_cast.h"
+
+#ifdef CNNKERN_IN_REGISTERS
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "cpu/in_registers.h"
+#include "cpu/line.h"
+
+namespace cnnkern::cpu {
+
+// An output line of the Streamed stage: its 8-value steps inside [begin, end), the addresses of
+// the whole cache lines among its loop's elements, are stored around the caches where they fall
+// aligned; the rest of it through them.
+struct StreamedLine {
+  float* p;
+  uintptr_t begin, end;
+  float& operator[](int64_t k) const { return p[k]; }
+};
+
+CNNKERN_AVX2_F16C inline void store8(const StreamedLine& line, int64_t k, __m256 v) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(line.p + k);
+  if (at >= line.begin && at + sizeof(__m256) <= line.end && at % sizeof(__m256) == 0) {
+    _mm256_stream_ps(line.p + k, v);
+  } else {
+    _mm256_storeu_ps(line.p + k, v);
+  }
+}
+
+// The stage of an elementwise pass over float32 lines of unit stride (Float32Lines,
+// csrc/cpu/stage.h) whose outputs stream. Its loops are InRegisters', but that a loop takes single
+// elements up to where the first output line it handed out falls aligned to 8 values, and its
+// last few: no step stores over another. Only the cache lines that a loop's elements fill stream:
+// one written partly around the cache and partly through it (by a neighbouring line's loop, or
+// this loop's single elements) is read in and evicted again (NCHW 14x14 lines, 196 floats, ran
+// the backward 1.4x slower when their ends streamed).
+class Streamed : public InRegisters {
+ public:
+  Streamed() = default;
+  Streamed(const Streamed&) = delete;
+  Streamed& operator=(const Streamed&) = delete;
+  // Streamed stores are weakly ordered: fenced before the thread's part of the pass ends.
+  ~Streamed() { _mm_sfence(); }
+
+  // The loop over [k0, k1), in one chunk: out() needs its elements.
+  template <typename F>
+  void for_chunks(int64_t k0, int64_t k1, const F& f) {
+    k0_ = k0;
+    k1_ = k1;
+    f(k0, k1);
+  }
+
+  StreamedLine out(const Line<float, Unit>& line) {
+    if (line.p == nullptr) return {nullptr, 0, 0};  // an absent output, never written
+    if (first_out_ == 0) first_out_ = reinterpret_cast<uintptr_t>(line.p);
+    constexpr uintptr_t kCacheLine = 64;
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(line.p + k0_), end = reinterpret_cast<uintptr_t>(line.p + k1_);
+    return {line.p, (begin + kCacheLine - 1) / kCacheLine * kCacheLine, end / kCacheLine * kCacheLine};
+  }
+
+  template <typename E>
+  CNNKERN_AVX2_F16C void apply(const E& __restrict elem, int64_t c0, int64_t c1) {
+    int64_t k = c0;
+    for (const int64_t head = std::min(c1, c0 + unaligned(c0)); k < head; ++k) elem(k);
+#pragma GCC unroll 4
+    for (; k + 8 <= c1; k += 8) elem.eight(k);
+    for (; k < c1; ++k) elem(k);
+  }
+
+ private:
+  // Elements from k on before the first output line's next 8-value boundary (0 where the loop
+  // has no output); read once per loop.
+  int64_t unaligned(int64_t k) {
+    const uintptr_t line = std::exchange(first_out_, 0);
+    if (line == 0) return 0;
+    const uintptr_t address = line + k * sizeof(float);
+    return static_cast<int64_t>((sizeof(__m256) - address % sizeof(__m256)) % sizeof(__m256) / sizeof(float));
+  }
+
+  int64_t k0_ = 0, k1_ = 0;
+  uintptr_t first_out_ = 0;
+};
+
+}  // namespace cnnkern::cpu
+#endif
