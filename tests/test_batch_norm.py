@@ -361,10 +361,11 @@ def test_cpu_16bit_in_registers(dtype, tmp_path):
 def test_cpu_streamed_stores(tmp_path):
     """The float32 elementwise passes of ops too large for the last-level cache store their
     outputs around it, 8 values a step (csrc/cpu/streamed.h), where the CPU has AVX2;
-    CNNKERN_CPU_STREAM_STORES=1 streams at any size. A loop takes single elements up to the first
-    output line's aligned 8 and past its last 8, and streams only whole cache lines: lines of
-    every alignment and length (70x70 NCHW lines start 16 bytes apart), two outputs in one pass,
-    strided lines (which never stream). The same bits as the cached stores (=0)."""
+    CNNKERN_CPU_STREAM_STORES=1 streams at any size, on lines of 256 values or more. A loop takes
+    single elements up to the first output line's aligned 8 and past its last 8, and streams only
+    whole cache lines: lines of every alignment and length (70x70 NCHW lines start 16 bytes
+    apart; flat lines of 7x7 and 5x5), two outputs in one pass, strided and short lines (which
+    never stream). The same bits as the cached stores (=0)."""
     require("cpu", "cpu", torch.float32)
     if not _cpu_converts_in_registers() or os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0":
         pytest.skip("no AVX2 here: the portable loops do not stream")

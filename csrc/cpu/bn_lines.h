@@ -388,12 +388,12 @@ CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t 
 // Runs line_fn(n, j, stage)(k) for every element (n, j, k), in parallel over segments. St, the
 // lines' stage: 16-bit lines of unit stride convert in registers instead where the CPU can,
 // and the element functions then take 8 elements a step (csrc/cpu/in_registers.h); float32 ones
-// do so where the walk streams its outputs (csrc/cpu/streamed.h).
+// do so where the walk streams its outputs and its lines are long enough (csrc/cpu/streamed.h).
 template <typename St, typename LineFn>
 void for_each_element(const Walk& w, const LineFn& line_fn) {
 #ifdef CNNKERN_IN_REGISTERS
   if constexpr (std::is_same_v<St, Float32Lines>) {
-    if (w.streams_outputs) return for_each_element<Streamed>(w, line_fn);
+    if (w.streams_outputs && w.len >= kStreamedLine) return for_each_element<Streamed>(w, line_fn);
   }
   if constexpr (kSixteenBitLines<St>) {
     if (converts_in_registers()) return for_each_element<InRegisters>(w, line_fn);
@@ -617,16 +617,15 @@ inline int64_t last_level_cache_bytes() {
 
 // Whether a float32 op whose tensors hold `bytes` in all stores its elementwise pass's outputs
 // around the caches (csrc/cpu/streamed.h): where the CPU has the 8-value loops and those bytes
-// exceed the last-level cache by half (short of that, a call left enough of its outputs in the
-// cache for the next to gain more). CNNKERN_CPU_STREAM_STORES=1 streams at any size, =0 never
-// (read once per process).
+// exceed the last-level cache (in it, streamed stores were slower: at 3.2 MB a tensor up to 1.45x
+// the time). CNNKERN_CPU_STREAM_STORES=1 streams at any size, =0 never (read once per process).
 inline bool streams_outputs(int64_t bytes) {
   static const int64_t threshold = [] {
     const char* env = std::getenv("CNNKERN_CPU_STREAM_STORES");
     if (env != nullptr && std::strcmp(env, "0") == 0) return std::numeric_limits<int64_t>::max();
     if (env != nullptr && std::strcmp(env, "1") == 0) return int64_t(0);
     const int64_t cache = last_level_cache_bytes();
-    return cache > 0 ? cache + cache / 2 : std::numeric_limits<int64_t>::max();
+    return cache > 0 ? cache : std::numeric_limits<int64_t>::max();
   }();
   return converts_in_registers() && bytes > threshold;
 }

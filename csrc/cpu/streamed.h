@@ -1,14 +1,14 @@
 // The elementwise passes of float32 ops too large for the caches: their outputs stored around
 // the caches (non-temporal stores), 8 values a step, where an op's tensors exceed the last-level
-// cache by half (streams_outputs, bn_lines.h).
+// cache (streams_outputs, bn_lines.h).
 //
 // A store through the cache first reads its cache line from memory, only to overwrite it, and
 // the cache writes it back later: 2 units of traffic for a written tensor, where a streamed store
-// moves 1. Alternating calls in one process (2-core AMD EPYC, 32 MB L3; bench/NOTES.md): at
-// 32x64x56x56 (25.7 MB a tensor) the training forward + backward took 0.89-0.95x the time
-// streamed, and 0.9-1.05x at 16x256x28x28; at 16x1024x14x14 (12.8 MB a tensor, 38.5 MB an op)
-// the backward took 1.17x, its outputs no longer left in the cache for the next call: hence the
-// margin. bfloat16 took 1.06-1.22x streamed, even at 25.7 MB a tensor: 16-bit lines do not stream.
+// moves 1. Alternating calls in one process (2-core AMD EPYC, 32 MB L3; bench/NOTES.md), streamed
+// over cached: at 32x64x56x56 (25.7 MB a tensor) the training forward + backward 0.83-0.85x the
+// time in both layouts, channels_last eval 0.64-0.68x; at 16x256x28x28 backward 0.87-0.92x.
+// bfloat16 took 1.06-1.22x streamed (an earlier form of these loops), even at 25.7 MB a tensor:
+// 16-bit lines do not stream.
 #pragma once
 #include "cpu/element_cast.h"
 
@@ -22,18 +22,22 @@
 
 namespace cnnkern::cpu {
 
-// An output line of the Streamed stage: its 8-value steps inside [begin, end), the addresses of
-// the whole cache lines among its loop's elements, are stored around the caches where they fall
-// aligned; the rest of it through them.
+// Lines shorter than this stream nothing: a loop's single elements at either end and its cache
+// lines shared with the next line's weigh on a short one. NCHW 14x14 lines (196 floats) ran the
+// backward with residual at 16x1024x14x14 1.09-1.11x slower streamed; 28x28 lines (784) at
+// 16x256x28x28 0.87-0.91x.
+constexpr int64_t kStreamedLine = 256;
+
+// An output line of the Streamed stage: its 8-value steps from k_begin to k_end, the whole cache
+// lines among its loop's elements, are stored around the caches; the rest of it through them.
 struct StreamedLine {
   float* p;
-  uintptr_t begin, end;
+  int64_t k_begin, k_end;
   float& operator[](int64_t k) const { return p[k]; }
 };
 
 CNNKERN_AVX2_F16C inline void store8(const StreamedLine& line, int64_t k, __m256 v) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(line.p + k);
-  if (at >= line.begin && at + sizeof(__m256) <= line.end && at % sizeof(__m256) == 0) {
+  if (k >= line.k_begin && k + 8 <= line.k_end) {
     _mm256_stream_ps(line.p + k, v);
   } else {
     _mm256_storeu_ps(line.p + k, v);
@@ -63,16 +67,22 @@ class Streamed : public InRegisters {
     f(k0, k1);
   }
 
+  // The loop's steps fall where the first output line's 8 values are aligned (apply): another
+  // output line streams only where its steps do too.
   StreamedLine out(const Line<float, Unit>& line) {
     if (line.p == nullptr) return {nullptr, 0, 0};  // an absent output, never written
-    if (first_out_ == 0) first_out_ = reinterpret_cast<uintptr_t>(line.p);
-    constexpr uintptr_t kCacheLine = 64;
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(line.p + k0_), end = reinterpret_cast<uintptr_t>(line.p + k1_);
-    return {line.p, (begin + kCacheLine - 1) / kCacheLine * kCacheLine, end / kCacheLine * kCacheLine};
+    const uintptr_t address = reinterpret_cast<uintptr_t>(line.p);
+    if (first_out_ == 0) first_out_ = address;
+    if ((address - first_out_) % sizeof(__m256) != 0) return {line.p, 0, 0};
+    constexpr int64_t kCacheLine = 64 / sizeof(float);  // elements
+    const int64_t skew = static_cast<int64_t>(address % 64 / sizeof(float));
+    return {line.p, (k0_ + skew + kCacheLine - 1) / kCacheLine * kCacheLine - skew,
+            (k1_ + skew) / kCacheLine * kCacheLine - skew};
   }
 
   template <typename E>
-  CNNKERN_AVX2_F16C void apply(const E& __restrict elem, int64_t c0, int64_t c1) {
+  CNNKERN_AVX2_F16C void apply(const E& elem_ref, int64_t c0, int64_t c1) {
+    const E elem = elem_ref;  // a local, in registers: the stores could alias the caller's
     int64_t k = c0;
     for (const int64_t head = std::min(c1, c0 + unaligned(c0)); k < head; ++k) elem(k);
 #pragma GCC unroll 4
