@@ -35,7 +35,7 @@ struct GradCoeffs {
 
 // Element k of a line of the elementwise pass: grad_input where kInput, grad_residual (= gz)
 // where kResidual. eight(k): elements k to k + 7, for 16-bit lines that convert in registers
-// (csrc/cpu/in_registers.h).
+// (csrc/cpu/in_registers.h) and float32 lines whose outputs stream (csrc/cpu/streamed.h).
 template <Mask kMask, bool kTraining, bool kInput, bool kResidual, typename scalar_t, typename In, typename Out,
           typename P>
 struct GradElement {

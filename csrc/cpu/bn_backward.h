@@ -48,7 +48,7 @@ acc_t relu_grad(const G& g, const Y& y, const X& x, const P& mean, const P& scal
 
 #ifdef CNNKERN_IN_REGISTERS
 // relu_grad of elements k to k + 7 of 16-bit lines, converted in registers
-// (csrc/cpu/in_registers.h): the same bits.
+// (csrc/cpu/in_registers.h), or of float32 lines (csrc/cpu/streamed.h): the same bits.
 template <Mask kMask, typename scalar_t, typename In, typename P>
 CNNKERN_AVX2_F16C __m256 relu_grad8(const In& g, const In& y, const In& x, const P& mean, const P& scale,
                                     const P& shift, int64_t k) {

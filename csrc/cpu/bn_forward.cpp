@@ -95,7 +95,7 @@ std::vector<at::opmath_type<scalar_t>> shift_values(const Strided3d& v, const sc
 
 // Element k of a line of the normalize pass: y = act((x - mean) * scale + shift + r).
 // eight(k): elements k to k + 7, for 16-bit lines that convert in registers
-// (csrc/cpu/in_registers.h).
+// (csrc/cpu/in_registers.h) and float32 lines whose outputs stream (csrc/cpu/streamed.h).
 template <bool kResidual, bool kRelu, typename acc_t, typename In, typename Out, typename P>
 struct NormalizeElement {
   In x, r;               // the input's and the residual's lines (r: read only with kResidual)

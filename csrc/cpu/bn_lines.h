@@ -688,7 +688,8 @@ acc_t normalized(acc_t x, acc_t mean, acc_t scale, acc_t shift) {
 }
 
 #ifdef CNNKERN_IN_REGISTERS
-// normalized() of elements k to k + 7 of lines that convert in registers, in the same order.
+// normalized() of elements k to k + 7 of lines that convert in registers (or float32 lines
+// that stream), in the same order.
 template <typename In, typename P>
 CNNKERN_AVX2_F16C __m256 normalized8(const In& x, const P& mean, const P& scale, const P& shift, int64_t k) {
   return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(load8(x, k), load8(mean, k)), load8(scale, k)), load8(shift, k));

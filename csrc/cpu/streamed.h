@@ -45,13 +45,14 @@ CNNKERN_AVX2_F16C inline void store8(const StreamedLine& line, int64_t k, __m256
 }
 
 // The stage of an elementwise pass over float32 lines of unit stride (Float32Lines,
-// csrc/cpu/stage.h) whose outputs stream. Its loops are InRegisters', but that a loop takes single
-// elements up to where the first output line it handed out falls aligned to 8 values, and its
-// last few: no step stores over another. Only the cache lines that a loop's elements fill stream:
-// one written partly around the cache and partly through it (by a neighbouring line's loop, or
-// this loop's single elements) is read in and evicted again (NCHW 14x14 lines, 196 floats, ran
-// the backward 1.4x slower when their ends streamed).
-class Streamed : public InRegisters {
+// csrc/cpu/stage.h) whose outputs stream. Its loop is InRegisters::apply's, but that it takes
+// single elements up to where the first output line it handed out falls aligned to 8 values, and
+// its last few: no step stores over another. Only the cache lines that a loop's elements fill
+// stream: one written partly around the cache and partly through it (by a neighbouring line's
+// loop, or this loop's single elements) would be read in and evicted again. (A first form that
+// streamed them, and reloaded its element function after every store, ran the backward at NCHW
+// 16x1024x14x14, lines of 196 floats, 1.13-1.43x slower than cached stores.)
+class Streamed : public Unchunked {
  public:
   Streamed() = default;
   Streamed(const Streamed&) = delete;
