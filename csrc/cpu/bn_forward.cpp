@@ -202,8 +202,10 @@ void bn_forward_eval_kernel_impl(const at::Tensor& input, const at::Tensor& weig
                                  const at::Tensor& residual, const at::Tensor& running_mean,
                                  const at::Tensor& running_var, double eps, bool relu, const at::Tensor& output) {
   using acc_t = at::opmath_type<scalar_t>;
+  // The pass touches x, the residual and the output.
+  const int64_t tensors = 2 + residual.defined();
   Walk w(view3d(input, "input"));
-  w.streams_outputs = streams_outputs((2 + residual.defined()) * input.nbytes());
+  w.streams_outputs = streams_outputs(tensors * input.nbytes());
   const int64_t C = w.C;
   Affine<acc_t> affine{param_or<acc_t, param_t>(running_mean, C, 0), param_or<acc_t, param_t>(weight, C, 1),
                        param_or<acc_t, param_t>(bias, C, 0)};

@@ -575,6 +575,31 @@ std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
   return total;
 }
 
+// ---- cache sizes ----------------------------------------------------------------
+
+// The size of cpu0's data (or unified) cache of `level`, the highest where level is 0, as
+// Linux's sysfs gives it (what lscpu shows), else sysconf(`sysconf_name`)'s; 0 where neither
+// says. (In a VM sysconf may report the host's: an L3 of 320 MB on the project's 2-core AMD
+// EPYC, where sysfs and lscpu say 32 MB.)
+inline int64_t cache_bytes(int64_t level, int sysconf_name) {
+  int64_t size = 0, found = 0;
+  for (int i = 0;; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+    if (!level_file) break;
+    int64_t l = 0, kib = 0;
+    std::string type, unit;
+    level_file >> l;
+    type_file >> type;
+    size_file >> kib >> unit;  // "32768K"
+    const bool wanted = level == 0 ? l > found : l == level;
+    if (type != "Instruction" && unit == "K" && wanted) found = l, size = kib << 10;
+  }
+  if (size > 0) return size;
+  const long v = sysconf(sysconf_name);
+  return v > 0 ? int64_t(v) : int64_t(0);
+}
+
 // ---- channel blocks -------------------------------------------------------------
 
 // Along L every line holds one channel, so a thread can take a block of channels
@@ -585,32 +610,8 @@ std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
 // which keeps every thread busy however few channels or long lines there are.
 inline int64_t l2_bytes() {
   static const int64_t bytes = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? int64_t(v) : int64_t(1) << 20;  // 1 MiB where the OS does not say
-  }();
-  return bytes;
-}
-
-// The last-level cache's size, as Linux's sysfs gives it for cpu0 (what lscpu shows), else
-// sysconf's; 0 where neither says. (In a VM sysconf may report the host's: 320 MB on the
-// project's 2-core AMD EPYC, where sysfs and lscpu say 32 MB.)
-inline int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t size = 0, level = 0;
-    for (int i = 0;; ++i) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
-      std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
-      if (!level_file) break;
-      int64_t l = 0, kib = 0;
-      std::string type, unit;
-      level_file >> l;
-      type_file >> type;
-      size_file >> kib >> unit;  // "32768K"
-      if (type != "Instruction" && unit == "K" && l > level) level = l, size = kib << 10;
-    }
-    if (size > 0) return size;
-    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return v > 0 ? int64_t(v) : int64_t(0);
+    const int64_t v = cache_bytes(2, _SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? v : int64_t(1) << 20;  // 1 MiB where the OS does not say
   }();
   return bytes;
 }
@@ -624,7 +625,7 @@ inline bool streams_outputs(int64_t bytes) {
     const char* env = std::getenv("CNNKERN_CPU_STREAM_STORES");
     if (env != nullptr && std::strcmp(env, "0") == 0) return std::numeric_limits<int64_t>::max();
     if (env != nullptr && std::strcmp(env, "1") == 0) return int64_t(0);
-    const int64_t cache = last_level_cache_bytes();
+    const int64_t cache = cache_bytes(0, _SC_LEVEL3_CACHE_SIZE);  // the last level
     return cache > 0 ? cache : std::numeric_limits<int64_t>::max();
   }();
   return converts_in_registers() && bytes > threshold;
