@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from cnnkern._extension import cpu_features
+
 from . import batch_norm
 from .cli import DTYPES, comma_list, shape_arg
 from .timing import copy_bandwidth_gbps, device_name, keep_freed_cpu_memory, time_fn, time_interleaved
@@ -150,6 +152,7 @@ def main(argv=None):
     kept_freed_memory = device.type == "cpu" and keep_freed_cpu_memory()
     if device.type == "cpu":
         print("glibc keeps freed memory: " + ("yes" if kept_freed_memory else "no (not glibc); expect noisier times"))
+        print(f"cpu kernels' loops: {cpu_features() or 'none (cnnkern._C did not load)'}")
     copy_gbps = functools.lru_cache(maxsize=None)(lambda nbytes: copy_bandwidth_gbps(device, args.quick, nbytes))
     if device.type == "cuda":
         gpu_copy_gbps = copy_gbps(1 << 30)
@@ -166,6 +169,7 @@ def main(argv=None):
     results = []
     report = dict(device=name, device_type=device.type, date=stamp, commit=_commit(), versions=_versions(),
                   quick=args.quick, cpu_kept_freed_memory=kept_freed_memory,
+                  cpu_features=cpu_features() if device.type == "cpu" else None,
                   command=" ".join(["python -m bench"] + (sys.argv[1:] if argv is None else argv)), results=results)
 
     def save():  # after every case: a run cut short still leaves what it measured

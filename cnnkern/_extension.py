@@ -24,3 +24,9 @@ def loaded() -> bool:
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether cnnkern::`op` has a kernel for `dispatch_key` ("CPU", "CUDA")."""
     return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"cnnkern::{op}", dispatch_key)
+
+
+def cpu_features() -> str:
+    """Which loops the C++ CPU kernels take on this machine (by its CPU and the CNNKERN_CPU_*
+    variables), in words; empty where the extension did not load."""
+    return _C.cpu_features() if loaded() else ""

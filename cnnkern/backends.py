@@ -147,7 +147,8 @@ class BackendInfo:
 
 def backends() -> Dict[str, BackendInfo]:
     """Which backends can run here, and why not (judged in float32 on the device
-    each backend is for: CUDA, or the CPU for cpu and interpreted triton)."""
+    each backend is for: CUDA, or the CPU for cpu and interpreted triton); for cpu, which
+    loops its kernels take on this CPU."""
     cuda = torch.device("cuda")
     gpu_reason = None if torch.cuda.is_available() else "no CUDA device here (torch.cuda.is_available() is False)"
     cpu = torch.device("cpu")
@@ -158,7 +159,8 @@ def backends() -> Dict[str, BackendInfo]:
         device = cpu if on_cpu else cuda
         # What is missing from the install (triton, the extension) comes first: it holds on any machine.
         reason = refuses(name, device, torch.float32, "bn_forward_train") or (None if on_cpu else gpu_reason)
-        info[name] = BackendInfo(name, reason is None, reason or f"runs {device.type} tensors")
+        runs = f"runs {device.type} tensors" + (f": {_extension.cpu_features()}" if name == "cpu" else "")
+        info[name] = BackendInfo(name, reason is None, reason or runs)
     return info
 
 

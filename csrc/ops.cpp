@@ -6,10 +6,20 @@
 
 #include <string>
 
+#include "cpu/features.h"
+
 extern "C" {
-// An empty module: importing cnnkern._C runs the static registrations below.
+static PyObject* cpu_features(PyObject*, PyObject*) {
+  return PyUnicode_FromString(cnnkern::cpu::features().c_str());
+}
+
+// Importing cnnkern._C runs the static registrations below; its one function says which loops the
+// CPU kernels take here (cnnkern.backends()).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"cpu_features", cpu_features, METH_NOARGS, "The CPU kernels' choices of loops on this machine."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

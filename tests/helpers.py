@@ -1,5 +1,8 @@
 """Shared test helpers: which (backend, device) pairs to run, tolerances, inputs, and one
 call of the batch-norm family compared with PyTorch and the float64 oracle."""
+import os
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,32 @@ from cnnkern.backends import refuses
 # `cuda` marker; a pair that cannot run here skips with the backend's own reason
 # (test_backends.py asserts that the ones this machine must run do run).
 _PAIRS = [("cpu", "cpu"), ("triton", "cpu"), ("reference", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+def cpu_flags() -> frozenset:
+    """The x86 feature flags of this machine's CPU, as /proc/cpuinfo names them (none elsewhere)."""
+    if platform.machine() not in ("x86_64", "AMD64") or not os.path.exists("/proc/cpuinfo"):
+        return frozenset()
+    with open("/proc/cpuinfo") as f:
+        return frozenset(next((line.split()[2:] for line in f if line.startswith("flags")), []))
+
+
+# What the CPU kernels' loops need from the CPU: AVX2 and F16C to convert 16-bit values in
+# registers (csrc/cpu/in_registers.h), AVX512-BF16 with BW, DQ and VL to round bfloat16 outputs
+# in one instruction (csrc/cpu/bfloat16_outputs.h).
+IN_REGISTERS_FLAGS = frozenset({"avx2", "f16c"})
+AVX512_BF16_FLAGS = frozenset({"avx512_bf16", "avx512bw", "avx512dq", "avx512vl"})
+
+
+def cpu_converts_in_registers() -> bool:
+    """Whether the CPU kernels convert 16-bit values in registers here (not switched off)."""
+    return IN_REGISTERS_FLAGS <= cpu_flags() and os.environ.get("CNNKERN_CPU_IN_REGISTERS") != "0"
+
+
+def cpu_rounds_bfloat16_natively() -> bool:
+    """Whether the CPU kernels round bfloat16 outputs by AVX512-BF16 here (not switched off)."""
+    return (cpu_converts_in_registers() and AVX512_BF16_FLAGS <= cpu_flags()
+            and os.environ.get("CNNKERN_CPU_AVX512_BF16") != "0")
 
 
 def backend_params(names=("cpu", "triton", "cuda", "reference")):

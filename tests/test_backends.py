@@ -15,12 +15,26 @@ import torch
 import cnnkern
 from cnnkern.backends import NAMES, refuses, select
 from cnnkern.layout import kernel_layout
+from helpers import cpu_converts_in_registers, cpu_rounds_bfloat16_natively, require
 
 
 def test_cpu_backend_is_built():
     info = cnnkern.backends()
     assert info["cpu"].available, info["cpu"].reason
     assert info["reference"].available
+
+
+def test_cpu_loops_named():
+    """backends() names the loops the CPU kernels take here: those the CPU's features allow, less
+    those the CNNKERN_CPU_* variables switch off (a subprocess switches AVX512-BF16 off)."""
+    require("cpu", "cpu", torch.float32)
+    reason = cnnkern.backends()["cpu"].reason
+    assert ("convert in registers" in reason) == cpu_converts_in_registers(), reason
+    assert ("AVX512-BF16" in reason) == cpu_rounds_bfloat16_natively(), reason
+    code = "import cnnkern; print(cnnkern.backends()['cpu'].reason)"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, CNNKERN_CPU_AVX512_BF16="0")).stdout
+    assert "AVX512-BF16" not in off and off.startswith("runs cpu tensors"), off
 
 
 def test_triton_runs_here():

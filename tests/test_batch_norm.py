@@ -3,7 +3,6 @@ that runs here: outputs, all gradients, running stats."""
 import functools
 import itertools
 import os
-import platform
 import subprocess
 import sys
 
@@ -12,7 +11,8 @@ import torch
 
 import cnnkern
 from cnnkern import reference
-from helpers import LAYOUTS, backend_params, make_input, require, run_and_compare
+from helpers import (LAYOUTS, backend_params, cpu_converts_in_registers, cpu_rounds_bfloat16_natively, make_input,
+                     require, run_and_compare)
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # C in {1, 3, 7, 65}, H = W in {1, 7, 13}, N in {1, 2, 5}: each value several times,
@@ -353,9 +353,26 @@ def test_cpu_16bit_in_registers(dtype, tmp_path):
     (CNNKERN_CPU_IN_REGISTERS=0) convert float16 a chunk at a time into float buffers, bfloat16
     element by element. Both must give the same bits."""
     require("cpu", "cpu", dtype)
-    if not _cpu_converts_in_registers() or os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0":
+    if not cpu_converts_in_registers():
         pytest.skip("no AVX2 and F16C here: the portable loops are all there is")
     _same_bits_under([{"CNNKERN_CPU_IN_REGISTERS": "0"}, {}], dtype, tmp_path)
+
+
+def test_cpu_bfloat16_rounded_natively(tmp_path):
+    """Where the CPU has AVX512-BF16, the bfloat16 passes write their outputs as floats a chunk
+    at a time, rounded by vcvtneps2bf16 (csrc/cpu/bfloat16_outputs.h), where the floats that it
+    would round otherwise than c10 (NaN, denormal) take c10's conversion: the same bits as
+    AVX2's rounding in registers (CNNKERN_CPU_AVX512_BF16=0) in every pass, over every bfloat16
+    value and sum (test_cpu_16bit_rounding, by default here, and run again under =0)."""
+    require("cpu", "cpu", torch.bfloat16)
+    if not cpu_rounds_bfloat16_natively():
+        pytest.skip("no AVX512-BF16 here (or switched off): bfloat16 rounds in AVX2 registers")
+    _same_bits_under([{"CNNKERN_CPU_AVX512_BF16": "0"}, {}], torch.bfloat16, tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                             "16bit_rounding and bfloat16"], capture_output=True, text=True,
+                            env=dict(os.environ, CNNKERN_CPU_AVX512_BF16="0"))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
 
 
 def test_cpu_streamed_stores(tmp_path):
@@ -367,18 +384,10 @@ def test_cpu_streamed_stores(tmp_path):
     apart; flat lines of 7x7 and 5x5), two outputs in one pass, strided and short lines (which
     never stream). The same bits as the cached stores (=0)."""
     require("cpu", "cpu", torch.float32)
-    if not _cpu_converts_in_registers() or os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0":
+    if not cpu_converts_in_registers():
         pytest.skip("no AVX2 here: the portable loops do not stream")
     _same_bits_under([{"CNNKERN_CPU_STREAM_STORES": "0"}, {"CNNKERN_CPU_STREAM_STORES": "1"}], torch.float32,
                      tmp_path)
-
-
-def _cpu_converts_in_registers() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split() for line in f if line.startswith("flags")), [])
-    return "avx2" in flags and "f16c" in flags
 
 
 def test_cpu_portable_conversions():
@@ -392,7 +401,7 @@ def test_cpu_portable_conversions():
     one, zero = torch.ones(1), torch.zeros(1)
     y = torch.ops.cnnkern.bn_forward_eval(x, one, zero, None, zero, one, 0.0, False)
     portable = os.environ.get("CNNKERN_CPU_IN_REGISTERS") == "0"
-    expected = 0x7E00 if portable or not _cpu_converts_in_registers() else 0x7E01
+    expected = 0x7E01 if cpu_converts_in_registers() else 0x7E00
     assert y.view(torch.int16).unique().tolist() == [expected]
     if portable:
         return

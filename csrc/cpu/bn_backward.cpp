@@ -141,7 +141,7 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
   // The two passes touch grad_output, input, the output (a mask read from it), grad_residual and
   // grad_input.
   const int64_t tensors = 2 + (mask == Mask::kOutput) + grad_residual.defined() + grad_input.defined();
-  w.streams_outputs = streams_outputs(tensors * input.nbytes());
+  w.op_bytes = tensors * input.nbytes();
   const int64_t C = w.C;
   const acc_t* mean_p = mean.data_ptr<acc_t>();
   const acc_t* invstd_p = invstd.data_ptr<acc_t>();

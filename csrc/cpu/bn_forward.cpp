@@ -166,7 +166,7 @@ void bn_forward_train_kernel_impl(const at::Tensor& input, const at::Tensor& wei
   // The two passes touch x, the residual and the output.
   const int64_t tensors = 2 + residual.defined();
   Walk w(xv);
-  w.streams_outputs = streams_outputs(tensors * input.nbytes());
+  w.op_bytes = tensors * input.nbytes();
   const int64_t C = w.C;
   const std::vector<acc_t> ref = shift_values(xv, input.data_ptr<scalar_t>());
 
@@ -205,7 +205,7 @@ void bn_forward_eval_kernel_impl(const at::Tensor& input, const at::Tensor& weig
   // The pass touches x, the residual and the output.
   const int64_t tensors = 2 + residual.defined();
   Walk w(view3d(input, "input"));
-  w.streams_outputs = streams_outputs(tensors * input.nbytes());
+  w.op_bytes = tensors * input.nbytes();
   const int64_t C = w.C;
   Affine<acc_t> affine{param_or<acc_t, param_t>(running_mean, C, 0), param_or<acc_t, param_t>(weight, C, 1),
                        param_or<acc_t, param_t>(bias, C, 0)};

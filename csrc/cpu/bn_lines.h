@@ -41,6 +41,7 @@
 #include <unistd.h>
 
 #include "bn_checks.h"
+#include "cpu/bfloat16_outputs.h"
 #include "cpu/element_cast.h"
 #include "cpu/in_registers.h"
 #include "cpu/line.h"
@@ -54,14 +55,15 @@ namespace cnnkern::cpu {
 // The stage of the line loops of a pass over scalar_t tensors whose line strides are TS
 // (csrc/cpu/stage.h): float16 lines of unit stride are converted kChunk elements at a time,
 // bfloat16 ones element by element, or either in registers where the CPU can (for_each_element,
-// channel_sums); float32 ones element by element, or 8 values a step with their outputs
-// streamed where an op is too large for the caches (for_each_element).
+// channel_sums), bfloat16 with its outputs rounded kChunk at a time where the CPU has AVX512-BF16;
+// float32 ones element by element, or 8 values a step with their outputs streamed where an op is
+// too large for the caches (for_each_element).
 template <typename scalar_t, typename TS, int64_t kChunk = kForwardChunk>
 using StageFor = std::conditional_t<
     std::is_same_v<TS, Unit>,
     std::conditional_t<
         std::is_same_v<scalar_t, c10::Half>, Stage<kChunk>,
-        std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BFloat16Lines,
+        std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, BFloat16Lines<kChunk>,
                            std::conditional_t<std::is_same_v<scalar_t, float>, Float32Lines, NoStage>>>,
     NoStage>;
 
@@ -154,9 +156,10 @@ struct Walk {
   // `rep` elements, and per-channel arrays are read expanded (expand_channels).
   bool flat = false;
   int64_t positions = 1, rep = 1;
-  // float32 elementwise passes store their outputs around the caches (the op sets it:
-  // streams_outputs).
-  bool streams_outputs = false;
+  // What the op's tensors hold in all (the op sets it): past the last-level cache, float32
+  // elementwise passes store their outputs around the caches (streams_outputs) and bfloat16
+  // outputs round in registers (rounds_bfloat16_natively).
+  int64_t op_bytes = 0;
 
   explicit Walk(const Strided3d& x)
       : along_c(walk_along_c(x)),
@@ -371,6 +374,11 @@ void dispatch_bool(bool b, const F& f) {
 #define CNNKERN_VECTOR_CLONES
 #endif
 
+// Whether an op whose tensors hold `bytes` in all streams its float32 outputs, and rounds its
+// bfloat16 outputs by AVX512-BF16 (defined below, by the caches' sizes).
+inline bool streams_outputs(int64_t bytes);
+inline bool rounds_bfloat16_natively(int64_t bytes);
+
 // Line functions: line_fn(n, j, stage) gives the element function of line (n, j), elem(k),
 // its tensors' lines wrapped by `stage`, an St (StageFor; csrc/cpu/stage.h). The element
 // functions of 16-bit passes also give 8 elements a step, elem.eight(k), for the lines that
@@ -387,14 +395,21 @@ CNNKERN_VECTOR_CLONES void apply_segments(const Walk& w, int64_t begin, int64_t 
 
 // Runs line_fn(n, j, stage)(k) for every element (n, j, k), in parallel over segments. St, the
 // lines' stage: 16-bit lines of unit stride convert in registers instead where the CPU can,
-// and the element functions then take 8 elements a step (csrc/cpu/in_registers.h); float32 ones
-// do so where the walk streams its outputs and its lines are long enough (csrc/cpu/streamed.h).
+// and the element functions then take 8 elements a step (csrc/cpu/in_registers.h), bfloat16's
+// outputs rounded a chunk at a time where it has AVX512-BF16 (csrc/cpu/bfloat16_outputs.h);
+// float32 ones take 8 a step where the walk streams its outputs and its lines are long enough
+// (csrc/cpu/streamed.h).
 template <typename St, typename LineFn>
 void for_each_element(const Walk& w, const LineFn& line_fn) {
 #ifdef CNNKERN_IN_REGISTERS
   if constexpr (std::is_same_v<St, Float32Lines>) {
-    if (w.streams_outputs && w.len >= kStreamedLine) return for_each_element<Streamed>(w, line_fn);
+    if (streams_outputs(w.op_bytes) && w.len >= kStreamedLine) return for_each_element<Streamed>(w, line_fn);
   }
+#ifdef CNNKERN_AVX512_BF16_LOOPS
+  if constexpr (kBFloat16Lines<St>) {
+    if (rounds_bfloat16_natively(w.op_bytes)) return for_each_element<BFloat16Outputs<St::kChunk>>(w, line_fn);
+  }
+#endif
   if constexpr (kSixteenBitLines<St>) {
     if (converts_in_registers()) return for_each_element<InRegisters>(w, line_fn);
   }
@@ -543,6 +558,13 @@ inline int usable_threads() { return at::in_parallel_region() ? 1 : at::get_num_
 template <typename acc_t, typename ChannelStride, bool kGroupLines, typename St, typename LineFn>
 std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
 #ifdef CNNKERN_IN_REGISTERS
+#ifdef CNNKERN_AVX512_BF16_LOOPS
+  if constexpr (kBFloat16Lines<St>) {
+    if (rounds_bfloat16_natively(w.op_bytes)) {
+      return channel_sums<acc_t, ChannelStride, kGroupLines, BFloat16Outputs<St::kChunk>>(w, line_fn);
+    }
+  }
+#endif
   if constexpr (kSixteenBitLines<St>) {
     if (converts_in_registers()) return channel_sums<acc_t, ChannelStride, kGroupLines, InRegisters>(w, line_fn);
   }
@@ -616,19 +638,44 @@ inline int64_t l2_bytes() {
   return bytes;
 }
 
-// Whether a float32 op whose tensors hold `bytes` in all stores its elementwise pass's outputs
-// around the caches (csrc/cpu/streamed.h): where the CPU has the 8-value loops and those bytes
-// exceed the last-level cache (in it, streamed stores were slower: at 3.2 MB a tensor up to 1.45x
-// the time). CNNKERN_CPU_STREAM_STORES=1 streams at any size, =0 never (read once per process).
-inline bool streams_outputs(int64_t bytes) {
+// The last-level cache's size, or the largest int64_t where the OS does not say.
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    const int64_t cache = cache_bytes(0, _SC_LEVEL3_CACHE_SIZE);
+    return cache > 0 ? cache : std::numeric_limits<int64_t>::max();
+  }();
+  return bytes;
+}
+
+// The bytes past which a float32 op's tensors, in all, stream its elementwise pass's outputs
+// around the caches (csrc/cpu/streamed.h): the last-level cache (in it, streamed stores were
+// slower: at 3.2 MB a tensor up to 1.45x the time). CNNKERN_CPU_STREAM_STORES=1 streams at any
+// size, =0 never (read once per process).
+inline int64_t stream_threshold() {
   static const int64_t threshold = [] {
     const char* env = std::getenv("CNNKERN_CPU_STREAM_STORES");
     if (env != nullptr && std::strcmp(env, "0") == 0) return std::numeric_limits<int64_t>::max();
     if (env != nullptr && std::strcmp(env, "1") == 0) return int64_t(0);
-    const int64_t cache = cache_bytes(0, _SC_LEVEL3_CACHE_SIZE);  // the last level
-    return cache > 0 ? cache : std::numeric_limits<int64_t>::max();
+    return last_level_cache_bytes();
   }();
-  return converts_in_registers() && bytes > threshold;
+  return threshold;
+}
+
+inline bool streams_outputs(int64_t bytes) { return converts_in_registers() && bytes > stream_threshold(); }
+
+// bfloat16 outputs round by AVX512-BF16 where the CPU has it and the op's tensors fill at most
+// half the last-level cache: from there on the passes wait on memory more than on instructions,
+// and a chunk's outputs written in one burst after its loop (where AVX2's rounding writes them
+// along it) took up to 1.09x as long at 32 MB (16x256x28x28, the backward with residual; 32 MB
+// L3) and 1.26x at 25.7 MB (32x64x56x56 eval), where below 16 MB it gained (bench/NOTES.md).
+inline int64_t bfloat16_rounding_bytes() { return last_level_cache_bytes() / 2; }
+
+inline bool rounds_bfloat16_natively(int64_t bytes) {
+#ifdef CNNKERN_AVX512_BF16_LOOPS
+  return avx512_bf16_usable() && bytes <= bfloat16_rounding_bytes();
+#else
+  return false;
+#endif
 }
 
 // Calls f(part) for blocks of channels in parallel (each block's two passes on one

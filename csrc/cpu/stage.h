@@ -186,8 +186,12 @@ class Stage : public ElementLoops {
 };
 
 // bfloat16 lines of unit stride where the CPU cannot convert them in registers: element by
-// element, as NoStage (bfloat16's conversions vectorize as they are).
-struct BFloat16Lines : NoStage {};
+// element, as NoStage (bfloat16's conversions vectorize as they are). kChunk serves the stage
+// that rounds their outputs a chunk at a time where the CPU can (csrc/cpu/bfloat16_outputs.h).
+template <int64_t kChunkSize>
+struct BFloat16Lines : NoStage {
+  static constexpr int64_t kChunk = kChunkSize;
+};
 
 // float32 lines of unit stride: element by element, as NoStage (GCC vectorizes them), but in the
 // elementwise passes of ops too large for the caches, whose outputs the Streamed stage stores
@@ -197,8 +201,16 @@ struct Float32Lines : NoStage {};
 // Whether St serves 16-bit lines of unit stride (float16's Stage, BFloat16Lines): the lines
 // that convert in registers instead where the CPU can (converts_in_registers()).
 template <typename St>
-constexpr bool kSixteenBitLines = std::is_same_v<St, BFloat16Lines>;
+constexpr bool kSixteenBitLines = false;
 template <int64_t kChunk>
 constexpr bool kSixteenBitLines<Stage<kChunk>> = true;
+template <int64_t kChunk>
+constexpr bool kSixteenBitLines<BFloat16Lines<kChunk>> = true;
+
+// Whether St serves bfloat16 lines of unit stride (BFloat16Lines).
+template <typename St>
+constexpr bool kBFloat16Lines = false;
+template <int64_t kChunk>
+constexpr bool kBFloat16Lines<BFloat16Lines<kChunk>> = true;
 
 }  // namespace cnnkern::cpu
