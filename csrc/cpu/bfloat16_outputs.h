@@ -35,8 +35,8 @@
 
 namespace cnnkern::cpu {
 
-// Whether bfloat16 lines that convert in registers may round their outputs by AVX512-BF16
-// (where an op's tensors fit the caches: rounds_bfloat16_natively, bn_lines.h): where the CPU has
+// Whether bfloat16 lines that convert in registers may round their outputs by AVX512-BF16 (in
+// ops within half the last-level cache: rounds_bfloat16_natively, bn_lines.h): where the CPU has
 // it (and AVX512 BW, DQ and VL), unless CNNKERN_CPU_AVX512_BF16=0 (read once per process; the
 // tests use it to check InRegisters' rounding against this one).
 inline bool avx512_bf16_usable() {

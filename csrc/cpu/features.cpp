@@ -1,5 +1,5 @@
 // The CPU kernels' choices of loops on this machine (declared in features.h): those that
-// depend on the CPU and on the CNNKERN_CPU_* variables (README, "CPU kernels").
+// depend on the CPU and on the CNNKERN_CPU_* variables (the README names them).
 #include "cpu/features.h"
 
 #include <cstdint>
