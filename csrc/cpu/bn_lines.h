@@ -668,7 +668,10 @@ inline bool streams_outputs(int64_t bytes) { return converts_in_registers() && b
 // and a chunk's outputs written in one burst after its loop (where AVX2's rounding writes them
 // along it) took up to 1.09x as long at 32 MB (16x256x28x28, the backward with residual; 32 MB
 // L3) and 1.26x at 25.7 MB (32x64x56x56 eval), where below 16 MB it gained (bench/NOTES.md).
-inline int64_t bfloat16_rounding_bytes() { return last_level_cache_bytes() / 2; }
+inline int64_t bfloat16_rounding_bytes() {
+  const int64_t cache = last_level_cache_bytes();
+  return cache == std::numeric_limits<int64_t>::max() ? cache : cache / 2;  // no limit where unknown
+}
 
 inline bool rounds_bfloat16_natively(int64_t bytes) {
 #ifdef CNNKERN_AVX512_BF16_LOOPS

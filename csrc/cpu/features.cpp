@@ -12,9 +12,9 @@ namespace cnnkern::cpu {
 
 namespace {
 
-// " in ops within N MiB", or nothing where the size is unknown (no limit).
+// " in ops within N MiB", or nothing where there is no limit (the cache's size is unknown).
 std::string within(int64_t bytes) {
-  if (bytes >= std::numeric_limits<int64_t>::max() / 2) return "";
+  if (bytes == std::numeric_limits<int64_t>::max()) return "";
   return " in ops within " + std::to_string(bytes >> 20) + " MiB";
 }
 
