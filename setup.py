@@ -40,7 +40,8 @@ def _cuda_decision():
 
 def _extension():
     with_cuda, why = _cuda_decision()
-    sources = _rel(_sources("csrc", "*.cpp") + _sources("csrc", "cpu", "*.cpp"))
+    sources = _rel(_sources("csrc", "*.cpp") + _sources("csrc", "autograd", "*.cpp") +
+                   _sources("csrc", "cpu", "*.cpp"))
     # -g0: Python's flags ask for debug info, which costs a third of the compile time of the
     # template-heavy CPU kernels (the longest step of every build) and serves no user.
     # -fno-trapping-math: the kernels never trap on floating-point exceptions; with the default,

@@ -8,8 +8,10 @@ Triton kernels' wrapper (cnnkern.triton.batch_norm), the registered op, the func
 API without autograd, and with it (forward; forward + backward through autograd.grad).
 On a GPU every backend runs for real, and the calls queue without a synchronization
 until the last. Without one, the Triton kernels are replaced by no-ops (the interpreter
-would time itself), so the table is the host time of the Triton backend's Python alone;
-`python tests/triton_aot.py --arch 90 --host-time` adds Triton's own launch work, as on a GPU.
+would time itself), so the triton rows are the host time of the Triton backend's Python
+alone (`python tests/triton_aot.py --arch 90 --host-time` adds Triton's own launch work,
+as on a GPU); the cpu and eager rows include their kernels' time (a small --shape leaves
+the host's).
 """
 import argparse
 import contextlib
@@ -116,15 +118,15 @@ def table(shape, dtype, calls: int) -> Iterator[str]:
     short by a time limit still shows what it measured)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     yield (f"host time per call, {'x'.join(map(str, shape))} {str(dtype)[6:]} on "
-           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU, Triton launches stubbed out'}")
+           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'the CPU (Triton launches stubbed out)'}")
     yield f"{'backend':<8} {'layer':<30} {'us/call':>8}"
     if device.type == "cuda":
         backends, stub = [b for b in ("triton", "cuda") if not refuses(b, device, dtype, "bn_forward_train")], False
         backends.append("eager")
     else:
-        backends, stub = ["triton"], True
+        backends, stub = ["triton", "cpu", "eager"], True
     for backend in backends:
-        with no_triton_launches() if stub else contextlib.nullcontext():
+        with no_triton_launches() if stub and backend == "triton" else contextlib.nullcontext():
             for layer, fn in layers(backend, shape, dtype, device).items():
                 yield f"{backend:<8} {layer:<30} {per_call_us(fn, calls, device):>8.1f}"
 

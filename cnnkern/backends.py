@@ -172,7 +172,8 @@ def explain(input: torch.Tensor, op: str = "bn_forward_train") -> str:
         reason = refuses(name, input.device, input.dtype, op)
         lines.append(f"{name:<10} {'can run' if reason is None else 'cannot: ' + reason}")
     try:
-        lines.append(f"automatic: {select(None, input.device, input.dtype, op, kernel_layout(input))}")
+        layout = kernel_layout(input) or "nchw"  # no (N, C, L) view: copied to contiguous first
+        lines.append(f"automatic: {select(None, input.device, input.dtype, op, layout)}")
     except BackendError as e:
         lines.append(f"automatic: none ({e})")
     return "\n".join(lines)

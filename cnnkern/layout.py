@@ -1,6 +1,7 @@
 """The (N, C, L) strided view every kernel reads tensors through (as csrc/bn_checks.h)."""
 from typing import NamedTuple, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -45,13 +46,19 @@ def view3d_of(shape: Sequence[int], strides: Sequence[int], name: str = "tensor"
     return v
 
 
-def view_layout(v: Optional[Strided3d]) -> str:
+def view_layout(v: Strided3d) -> str:
     """How the kernels walk a tensor of view `v`: "channels_last" (lanes along C) when channels
     are adjacent in memory and each has more than one position, else "nchw" (lanes along
-    positions). A tensor with no view (None) is copied to contiguous first: "nchw"."""
-    return "channels_last" if v is not None and v.C > 1 and v.L > 1 and v.sC == 1 else "nchw"
+    positions)."""
+    return "channels_last" if v.C > 1 and v.L > 1 and v.sC == 1 else "nchw"
 
 
-def kernel_layout(t: Tensor) -> str:
-    """view_layout of `t`."""
-    return view_layout(try_view3d(t))
+def kernel_layout(t: Tensor) -> Optional[str]:
+    """view_layout of `t`, or None where `t` has no (N, C, L) view (try_view3d). Dense NCHW and
+    channels_last tensors are answered without walking their strides: this runs on every call."""
+    if t.is_contiguous():
+        return "nchw"  # sC = L: lanes along positions
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"  # not contiguous as well, so C > 1 and H * W > 1
+    v = try_view3d(t)
+    return None if v is None else view_layout(v)

@@ -4,14 +4,15 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "strided3d.h"
 
 namespace cnnkern {
 
-// The (N, C, L) view of `t` (dim >= 2), or a TORCH_CHECK naming `name` when its
-// spatial dims cannot be addressed with one stride (e.g. x[:, :, ::2, :]).
-inline Strided3d view3d(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() >= 2, name, " must have at least 2 dims (N, C, ...), got ", t.dim());
+// The (N, C, L) view of `t` (dim >= 2), or std::nullopt when its spatial dims cannot be
+// addressed with one stride (e.g. x[:, :, ::2, :]).
+inline std::optional<Strided3d> try_view3d(const at::Tensor& t) {
   Strided3d v{t.size(0), t.size(1), 1, t.stride(0), t.stride(1), 1};
   bool have_inner = false;
   for (int64_t d = t.dim() - 1; d >= 2; --d) {
@@ -19,14 +20,21 @@ inline Strided3d view3d(const at::Tensor& t, const char* name) {
     if (!have_inner) {
       v.sL = t.stride(d);
       have_inner = true;
-    } else {
-      TORCH_CHECK(t.stride(d) == v.L * v.sL, name,
-                  ": spatial dims must collapse into one strided dim (got sizes ", t.sizes(),
-                  ", strides ", t.strides(), "); pass a contiguous or channels_last tensor");
+    } else if (t.stride(d) != v.L * v.sL) {
+      return std::nullopt;
     }
     v.L *= t.size(d);
   }
   return v;
+}
+
+// try_view3d, or a TORCH_CHECK naming `name`.
+inline Strided3d view3d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 2, name, " must have at least 2 dims (N, C, ...), got ", t.dim());
+  const std::optional<Strided3d> v = try_view3d(t);
+  TORCH_CHECK(v, name, ": spatial dims must collapse into one strided dim (got sizes ", t.sizes(), ", strides ",
+              t.strides(), "); pass a contiguous or channels_last tensor");
+  return *v;
 }
 
 // Accumulation / statistics dtype: float64 for float64 input, else float32.

@@ -1,6 +1,6 @@
 // Every cnnkern op's schema, in one place. Kernels register per backend in
-// csrc/cpu/<family>.cpp and csrc/cuda/bindings.cpp; fake (meta) impls and
-// autograd live in cnnkern/ops/<family>.py.
+// csrc/cpu/<family>.cpp and csrc/cuda/bindings.cpp, autograd in csrc/autograd/<family>.cpp;
+// fake (meta) impls live in cnnkern/ops/<family>.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -62,5 +62,13 @@ TORCH_LIBRARY(cnnkern, m) {
     def("bn_backward(Tensor grad_output, Tensor input, Tensor? output, Tensor? weight, "
         "Tensor? bias, Tensor mean, Tensor invstd, bool training, bool relu, bool[4] output_mask) "
         "-> (Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias, Tensor? grad_residual)");
+    // The family's entry point: the training or eval forward above, differentiable
+    // (csrc/autograd/batch_norm.cpp). Where a gradient is wanted it keeps what bn_backward
+    // needs: the output only for the ReLU mask, and not even then where the backward
+    // can recompute it, that is in training without a residual when
+    // `backward_recomputes_relu_mask` (the backend's bn_backward does, for input's dtype).
+    def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+        "bool relu, bool backward_recomputes_relu_mask) -> Tensor");
   }
 }

@@ -14,7 +14,7 @@ import torch
 
 import cnnkern
 from cnnkern.backends import NAMES, refuses, select
-from cnnkern.layout import kernel_layout
+from cnnkern.layout import kernel_layout, try_view3d, view_layout
 from helpers import cpu_converts_in_registers, cpu_rounds_bfloat16_natively, require
 
 
@@ -145,3 +145,22 @@ def test_automatic_choice_follows_the_layout(monkeypatch):
 ])
 def test_kernel_layout(shape, memory_format, expected):
     assert kernel_layout(torch.randn(shape).contiguous(memory_format=memory_format)) == expected
+
+
+def _strided_tensors():
+    """Dense, sliced, permuted, broadcast and size-1 tensors of 2 to 5 dims."""
+    x = torch.randn(3, 6, 5, 4)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    yield from (x, cl, x[:, 1:4], cl[:, 1:4], x[:, :, ::2], cl[:, :, :, ::2], x[:, :, 1:3], x.transpose(2, 3),
+                x[:1], cl[:, :1], x[:, :, :1, :1], cl[:, :, :1], x.flatten(2), x.flatten(2).transpose(1, 2)[:, :2],
+                x[:, :, 0], x[:, :, 0, 0], torch.randn(6, 1).expand(6, 8), torch.randn(1, 6, 1, 1).expand(2, 6, 3, 3),
+                torch.randn(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d),
+                torch.randn(2, 3, 4, 5, 6)[:, :, ::2], torch.randn(2, 4, 1, 5).contiguous(memory_format=torch.channels_last))
+
+
+def test_kernel_layout_agrees_with_the_strides():
+    """The dense tensors' shortcut answers what walking the strides does (None: no (N, C, L) view)."""
+    for t in _strided_tensors():
+        v = try_view3d(t)
+        assert kernel_layout(t) == (None if v is None else view_layout(v)), (tuple(t.shape), t.stride())
+    assert kernel_layout(torch.randn(3, 6, 5, 4)[:, :, ::2]) is None

@@ -145,14 +145,15 @@ def test_nan_propagates(backend, device, training, layout):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_calls_without_gradients(backend, device, training, layout):
-    """Calls no gradient flows through (torch.no_grad, or no input requiring one) skip the
-    autograd Function: same output and running stats, bit for bit, as a call that records it."""
+    """Calls no gradient flows through (torch.no_grad, no input requiring one, inference mode, which
+    skips the autograd kernel) record no graph node: same output and running stats, bit for bit, as
+    a call that records one."""
     require(backend, device, torch.float32)
     x = make_input((3, 5, 6, 7), torch.float32, device, layout, mean=2.0)
     r = torch.randn(x.shape, device=device)
     w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
     rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
-    stats = [(rm.clone(), rv.clone()) for _ in range(3)]  # one per call, from the same start
+    stats = [(rm.clone(), rv.clone()) for _ in range(4)]  # one per call, from the same start
     call = functools.partial(cnnkern.functional.batch_norm, training=training, residual=r, activation="relu",
                              backend=backend)
     recorded = call(x.detach().requires_grad_(), *stats[0], w, b)
@@ -160,8 +161,10 @@ def test_calls_without_gradients(backend, device, training, layout):
     plain = call(x, *stats[1], w, b)
     with torch.no_grad():
         no_grad = call(x.detach().requires_grad_(), *stats[2], w, b)
-    assert plain.grad_fn is None and no_grad.grad_fn is None
-    for y, (running_mean, running_var) in ((plain, stats[1]), (no_grad, stats[2])):
+    with torch.inference_mode():
+        inference = call(x.detach().requires_grad_(), *stats[3], w, b)
+    assert plain.grad_fn is None and no_grad.grad_fn is None and inference.grad_fn is None
+    for y, (running_mean, running_var) in ((plain, stats[1]), (no_grad, stats[2]), (inference, stats[3])):
         assert torch.equal(y, recorded.detach())
         assert torch.equal(running_mean, stats[0][0]) and torch.equal(running_var, stats[0][1])
 

@@ -89,11 +89,13 @@ def test_host_table_times_every_layer_without_launching():
     with host.no_triton_launches():
         assert all(isinstance(getattr(kernels, name), host._NoLaunch) for name in host.KERNELS)
     assert {name: getattr(kernels, name) for name in host.KERNELS} == real
-    rows = list(host.table((2, 3, 4, 4), torch.float32, calls=5))[2:]
-    assert [" ".join(row.split()[1:-1]) for row in rows] == [
-        "wrapper forward", "wrapper backward", "op forward", "op backward", "functional, no grad",
-        "autograd forward", "autograd forward + backward"]
-    assert all(row.split()[0] == "triton" and float(row.split()[-1]) > 0 for row in rows)
+    rows = [row.split() for row in list(host.table((2, 3, 4, 4), torch.float32, calls=5))[2:]]
+    functional = ["functional, no grad", "autograd forward", "autograd forward + backward"]
+    ops = ["op forward", "op backward"]
+    assert [(row[0], " ".join(row[1:-1])) for row in rows] == (
+        [("triton", layer) for layer in ["wrapper forward", "wrapper backward"] + ops + functional] +
+        [("cpu", layer) for layer in ops + functional] + [("eager", layer) for layer in functional])
+    assert all(float(row[-1]) > 0 for row in rows)
 
 
 def test_targets_follow_the_issue():

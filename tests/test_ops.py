@@ -36,3 +36,20 @@ def test_opcheck(backend, relu):
                                     [True, True, True, relu]))
     torch.library.opcheck(bwd, (g, x, out if relu else None, None, None, mean, invstd, True, relu,
                                 [True, False, True, False]))
+
+
+@pytest.mark.parametrize("backend", op_backend_params())
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_batch_norm(backend, relu, training):
+    """The differentiable entry point (csrc/autograd/batch_norm.cpp), with and without a residual,
+    keeping the output for the ReLU mask or not."""
+    device = OP_DEVICE[backend]
+    require(backend, device, torch.float32)
+    batch_norm = getattr(torch.ops.cnnkern, OP_PREFIX[backend] + "batch_norm")
+    x, w, b, r, rm, rv = _args(device, torch.float32, relu)
+    x, w, b, r = (t.requires_grad_() for t in (x, w, b, r))
+    recomputes = backend == "cpu"  # the only backend whose backward recomputes the mask in float32 here
+    torch.library.opcheck(batch_norm, (x, w, b, r, rm, rv, training, 0.1, 1e-5, relu, False))
+    torch.library.opcheck(batch_norm, (x, w, b, None, rm, rv, training, 0.1, 1e-5, relu, recomputes))
+    torch.library.opcheck(batch_norm, (x, None, None, None, rm, rv, training, 0.1, 1e-5, relu, recomputes))
