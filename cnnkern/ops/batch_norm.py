@@ -1,5 +1,5 @@
-"""torch.library glue of the batch-norm family: fake impls of cnnkern::bn_* and
-cnnkern::triton_bn_*, and the Triton kernels' registration.
+"""torch.library glue of the batch-norm family: fake impls of cnnkern::bn_*, cnnkern::batch_norm
+and their triton_ twins, and the Triton kernels' registration.
 
 Autograd is in C++ (csrc/autograd/batch_norm.cpp): cnnkern::batch_norm and
 cnnkern::triton_batch_norm run a backend's forward op and take its bn_backward op,
@@ -40,6 +40,11 @@ def _fake_forward_eval(input, weight, bias, residual, running_mean, running_var,
     return torch.empty_like(input)
 
 
+def _fake_batch_norm(input, weight, bias, residual, running_mean, running_var, training, momentum, eps, relu,
+                     backward_recomputes_relu_mask):
+    return torch.empty_like(input)
+
+
 def _fake_backward(grad_output, input, output, weight, bias, mean, invstd, training, relu, output_mask):
     param_dtype = param_grad_dtype(weight, bias, input.dtype)
     return (
@@ -57,6 +62,7 @@ def _register() -> None:
         torch.library.register_fake(f"cnnkern::{prefix}bn_forward_train")(_fake_forward_train)
         torch.library.register_fake(f"cnnkern::{prefix}bn_forward_eval")(_fake_forward_eval)
         torch.library.register_fake(f"cnnkern::{prefix}bn_backward")(_fake_backward)
+        torch.library.register_fake(f"cnnkern::{prefix}batch_norm")(_fake_batch_norm)
     if TRITON_IMPORT_ERROR is None:
         from ..triton import batch_norm as kernels
 
