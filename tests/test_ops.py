@@ -3,6 +3,7 @@ registration, AOT dispatch), for the C++ ops and their triton_ twins."""
 import pytest
 import torch
 
+from cnnkern.ops.batch_norm import RECOMPUTES_RELU_MASK
 from helpers import OP_DEVICE, OP_PREFIX, make_input, op_backend_params, require
 
 
@@ -49,7 +50,7 @@ def test_opcheck_batch_norm(backend, relu, training):
     batch_norm = getattr(torch.ops.cnnkern, OP_PREFIX[backend] + "batch_norm")
     x, w, b, r, rm, rv = _args(device, torch.float32, relu)
     x, w, b, r = (t.requires_grad_() for t in (x, w, b, r))
-    recomputes = backend == "cpu"  # the only backend whose backward recomputes the mask in float32 here
+    recomputes = torch.float32 in RECOMPUTES_RELU_MASK[backend]
     torch.library.opcheck(batch_norm, (x, w, b, r, rm, rv, training, 0.1, 1e-5, relu, False))
     torch.library.opcheck(batch_norm, (x, w, b, None, rm, rv, training, 0.1, 1e-5, relu, recomputes))
     torch.library.opcheck(batch_norm, (x, None, None, None, rm, rv, training, 0.1, 1e-5, relu, recomputes))
