@@ -5,6 +5,7 @@ import torch
 
 import cnnkern
 from cnnkern.backends import BackendError, refuses
+from helpers import backend_params, require
 
 F = cnnkern.functional
 
@@ -82,3 +83,26 @@ def test_ops_check_their_arguments():
         torch.ops.cnnkern.bn_forward_eval(x, torch.ones(4), None, None, *_stats(), 1e-5, False)
     with pytest.raises(RuntimeError, match="spatial dims must collapse"):
         torch.ops.cnnkern.bn_forward_eval(x[:, :, ::2], None, None, None, *_stats(), 1e-5, False)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("cpu", "triton", "cuda")))
+def test_second_derivatives_raise(backend, device):
+    """The backward has no derivative: differentiating it again (a gradient penalty) raises, rather
+    than counting bn_backward as a constant and returning wrong second derivatives."""
+    require(backend, device, torch.float64)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
+    y = F.batch_norm(x, None, None, w, None, True, activation="relu", backend=backend)
+    grad_x, = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+    penalty = grad_x.pow(2).sum() + x.sum()  # x.sum(): x is reached either way
+    with pytest.raises(RuntimeError, match="derivative for cnnkern::(triton_)?bn_backward is not implemented"):
+        torch.autograd.grad(penalty, (x, w))
+
+
+@pytest.mark.parametrize("op", ["bn_forward_train", "triton_bn_forward_train"])
+def test_kernel_ops_have_no_derivative(op):
+    """The kernel ops, called directly, are not differentiable: backward through one raises."""
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y, _, _ = getattr(torch.ops.cnnkern, op)(x, None, None, None, None, None, 0.1, 1e-5, True)
+    with pytest.raises(RuntimeError, match=f"derivative for cnnkern::{op} is not implemented"):
+        y.sum().backward()

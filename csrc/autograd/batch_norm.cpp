@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <array>
@@ -154,6 +155,13 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const OptionalTensor& we
 TORCH_LIBRARY_IMPL(cnnkern, Autograd, m) {
   m.impl("batch_norm", &cnnkern::batch_norm_autograd<false>);
   m.impl("triton_batch_norm", &cnnkern::batch_norm_autograd<true>);
+  // The kernel ops have no derivative of their own. Differentiating through one (a direct call,
+  // or batch_norm's backward under create_graph=True, differentiated again) raises, where the
+  // default fallback only warns and counts the op as a constant: silently wrong gradients.
+  for (const char* op : {"bn_forward_train", "bn_forward_eval", "bn_backward", "triton_bn_forward_train",
+                         "triton_bn_forward_eval", "triton_bn_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 TORCH_LIBRARY_IMPL(cnnkern, CompositeExplicitAutograd, m) {
