@@ -68,10 +68,11 @@ CNNKERN_AVX2_F16C __m256 relu_grad8(const In& g, const In& y, const In& x, const
 // Per channel of the walk: {sum gz for each, then sum gz * (x - mean) for each}, in double;
 // `affine` is the forward's (its scale and shift serve a recomputed mask only).
 // A defined grad_residual receives gz on the way (it is gz when relu): the
-// elementwise pass then reads it instead of grad_output and output.
+// elementwise pass then reads it instead of grad_output and output. stream_grad_residual: it
+// may be stored around the caches, where a float32 op's outputs are (channel_sums_writing).
 template <typename scalar_t>
 std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
                               const at::Tensor& output, const Affine<at::opmath_type<scalar_t>>& affine, Mask mask,
-                              const at::Tensor& grad_residual);
+                              const at::Tensor& grad_residual, bool stream_grad_residual);
 
 }  // namespace cnnkern::cpu

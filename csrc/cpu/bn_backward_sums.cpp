@@ -48,11 +48,12 @@ GradSumsElement<kMask, kResidual, scalar_t, In, Out, P> grad_sums_element(const 
 template <typename scalar_t>
 std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, const at::Tensor& input,
                               const at::Tensor& output, const Affine<at::opmath_type<scalar_t>>& affine, Mask mask,
-                              const at::Tensor& grad_residual) {
+                              const at::Tensor& grad_residual, bool stream_grad_residual) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<double> sums;
   const auto on_runs = [&](const Walk& lines) {
-    sums = grad_sums<scalar_t>(lines, grad_output, input, output, affine.expanded(lines), mask, grad_residual);
+    sums = grad_sums<scalar_t>(lines, grad_output, input, output, affine.expanded(lines), mask, grad_residual,
+                               stream_grad_residual);
   };
   if (for_position_runs(w, {&grad_output, &input, &output, &grad_residual}, on_runs)) return sums;
   dispatch_mask(mask, [&](auto mask_from) {
@@ -75,7 +76,12 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
               stage.in(G.line(n, j)), stage.in(X.line(n, j)), stage.in(Y.line(n, j)), stage.out(DR.line(n, j)),
               Mean.line(n, j), Scale.line(n, j), Shift.line(n, j));
         };
-        sums = channel_sums<acc_t, CS, /*kGroupLines=*/false, StageFor<scalar_t, TS, kBackwardChunk>>(w, line_fn);
+        using St = StageFor<scalar_t, TS, kBackwardChunk>;
+        if constexpr (kResidual) {
+          sums = channel_sums_writing<acc_t, CS, St>(w, line_fn, stream_grad_residual);
+        } else {
+          sums = channel_sums<acc_t, CS, /*kGroupLines=*/false, St>(w, line_fn);
+        }
       });
     });
   });
@@ -85,7 +91,7 @@ std::vector<double> grad_sums(const Walk& w, const at::Tensor& grad_output, cons
 #define CNNKERN_INSTANTIATE_GRAD_SUMS(scalar_t)                                                            \
   template std::vector<double> grad_sums<scalar_t>(const Walk&, const at::Tensor&, const at::Tensor&, \
                                                    const at::Tensor&, const Affine<at::opmath_type<scalar_t>>&, \
-                                                   Mask, const at::Tensor&);
+                                                   Mask, const at::Tensor&, bool);
 CNNKERN_INSTANTIATE_GRAD_SUMS(double)
 CNNKERN_INSTANTIATE_GRAD_SUMS(float)
 CNNKERN_INSTANTIATE_GRAD_SUMS(at::Half)

@@ -157,8 +157,8 @@ struct Walk {
   bool flat = false;
   int64_t positions = 1, rep = 1;
   // What the op's tensors hold in all (the op sets it): past the last-level cache, float32
-  // elementwise passes store their outputs around the caches (streams_outputs) and bfloat16
-  // outputs round in registers (rounds_bfloat16_natively).
+  // passes store their outputs around the caches (streams_outputs) and bfloat16 outputs round
+  // in registers (rounds_bfloat16_natively).
   int64_t op_bytes = 0;
 
   explicit Walk(const Strided3d& x)
@@ -595,6 +595,22 @@ std::vector<double> channel_sums(const Walk& w, const LineFn& line_fn) {
     for (int64_t i = 0; i < size; ++i) total[i] += thread_sums[t * size + i];
   }
   return total;
+}
+
+// channel_sums of a line function that also writes a tensor as it reads (the backward's sums,
+// storing grad_residual), one line at a time. Where `may_stream`, St is float32's and the op's
+// outputs stream (streams_outputs), that tensor streams too (StreamedSums, csrc/cpu/streamed.h):
+// the same bits.
+template <typename acc_t, typename ChannelStride, typename St, typename LineFn>
+std::vector<double> channel_sums_writing(const Walk& w, const LineFn& line_fn, bool may_stream) {
+#ifdef CNNKERN_IN_REGISTERS
+  if constexpr (std::is_same_v<St, Float32Lines>) {
+    if (may_stream && streams_outputs(w.op_bytes) && w.len >= kStreamedLine) {
+      return channel_sums<acc_t, ChannelStride, /*kGroupLines=*/false, StreamedSums>(w, line_fn);
+    }
+  }
+#endif
+  return channel_sums<acc_t, ChannelStride, /*kGroupLines=*/false, St>(w, line_fn);
 }
 
 // ---- cache sizes ----------------------------------------------------------------

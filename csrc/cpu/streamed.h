@@ -1,6 +1,7 @@
-// The elementwise passes of float32 ops too large for the caches: their outputs stored around
-// the caches (non-temporal stores), 8 values a step, where an op's tensors exceed the last-level
-// cache (streams_outputs, bn_lines.h).
+// The passes of float32 ops too large for the caches that write (the elementwise passes, and the
+// backward's sums where they store grad_residual): their outputs stored around the caches
+// (non-temporal stores), 8 values a step, where an op's tensors exceed the last-level cache
+// (streams_outputs, bn_lines.h).
 //
 // A store through the cache first reads its cache line from memory, only to overwrite it, and
 // the cache writes it back later: 2 units of traffic for a written tensor, where a streamed store
@@ -44,14 +45,23 @@ CNNKERN_AVX2_F16C inline void store8(const StreamedLine& line, int64_t k, __m256
   }
 }
 
+// Output line p, written by a loop over its elements [k0, k1) in steps of 8 that fall 32-byte
+// aligned: streamed over the whole cache lines among those elements. One written partly around
+// the cache and partly through it (by a neighbouring line's loop, or this loop's single elements)
+// would be read in and evicted again.
+inline StreamedLine streamed_line(float* p, int64_t k0, int64_t k1) {
+  constexpr int64_t kCacheLine = 64 / sizeof(float);  // elements
+  const int64_t skew = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % 64 / sizeof(float));
+  return {p, (k0 + skew + kCacheLine - 1) / kCacheLine * kCacheLine - skew, (k1 + skew) / kCacheLine * kCacheLine - skew};
+}
+
 // The stage of an elementwise pass over float32 lines of unit stride (Float32Lines,
 // csrc/cpu/stage.h) whose outputs stream. Its loop is InRegisters::apply's, but that it takes
 // single elements up to where the first output line it handed out falls aligned to 8 values, and
 // its last few: no step stores over another. Only the cache lines that a loop's elements fill
-// stream: one written partly around the cache and partly through it (by a neighbouring line's
-// loop, or this loop's single elements) would be read in and evicted again. (A first form that
-// streamed them, and reloaded its element function after every store, ran the backward at NCHW
-// 16x1024x14x14, lines of 196 floats, 1.13-1.43x slower than cached stores.)
+// stream (streamed_line). (A first form that streamed them all, and reloaded its element function
+// after every store, ran the backward at NCHW 16x1024x14x14, lines of 196 floats, 1.13-1.43x
+// slower than cached stores.)
 class Streamed : public Unchunked {
  public:
   Streamed() = default;
@@ -75,10 +85,7 @@ class Streamed : public Unchunked {
     const uintptr_t address = reinterpret_cast<uintptr_t>(line.p);
     if (first_out_ == 0) first_out_ = address;
     if ((address - first_out_) % sizeof(__m256) != 0) return {line.p, 0, 0};
-    constexpr int64_t kCacheLine = 64 / sizeof(float);  // elements
-    const int64_t skew = static_cast<int64_t>(address % 64 / sizeof(float));
-    return {line.p, (k0_ + skew + kCacheLine - 1) / kCacheLine * kCacheLine - skew,
-            (k1_ + skew) / kCacheLine * kCacheLine - skew};
+    return streamed_line(line.p, k0_, k1_);
   }
 
   template <typename E>
@@ -103,6 +110,35 @@ class Streamed : public Unchunked {
 
   int64_t k0_ = 0, k1_ = 0;
   uintptr_t first_out_ = 0;
+};
+
+// The stage of a reduction pass over float32 lines of unit stride that also writes one (the
+// backward's sums, storing grad_residual as they read), in an op whose outputs stream: InRegisters'
+// sum loops, 8 values a step from the loop's first element, so the same lanes add the same values
+// in the same order as Float32Lines' loops (the same bits). Its output lines stream where those
+// steps fall 32-byte aligned; elsewhere they are stored through the cache.
+class StreamedSums : public InRegisters {
+ public:
+  StreamedSums() = default;
+  StreamedSums(const StreamedSums&) = delete;
+  StreamedSums& operator=(const StreamedSums&) = delete;
+  ~StreamedSums() { _mm_sfence(); }  // as Streamed's
+
+  template <typename F>
+  void for_chunks(int64_t k0, int64_t k1, const F& f) {
+    k0_ = k0;
+    k1_ = k1;
+    f(k0, k1);
+  }
+
+  StreamedLine out(const Line<float, Unit>& line) const {
+    if (line.p == nullptr) return {nullptr, 0, 0};
+    if (reinterpret_cast<uintptr_t>(line.p + k0_) % sizeof(__m256) != 0) return {line.p, 0, 0};
+    return streamed_line(line.p, k0_, k1_);
+  }
+
+ private:
+  int64_t k0_ = 0, k1_ = 0;
 };
 
 }  // namespace cnnkern::cpu
