@@ -175,9 +175,9 @@ void bn_backward_kernel_impl(const at::Tensor& grad_output, const at::Tensor& in
   by_channel_blocks(w, tensors * w.M * input.element_size(), [&](const Walk& part) {
     // grad_residual streams (where the op's outputs do) along L, and only outside channel blocks:
     // in a block the elementwise pass reads it back from the thread's L2 (streamed, the backward
-    // at 16x256x28x28 NCHW took 1.08-1.13x as long), and along C streaming gained nothing
-    // (32x64x56x56: 1.00, 16x256x28x28: 1.04-1.11x as long), where along L unblocked it took
-    // 0.88-0.92x (32x64x56x56; bench/NOTES.md).
+    // at 16x256x28x28 NCHW took 1.08-1.21x as long), and along C the sums pass itself ran slower
+    // streamed (1.08-1.19x), where along L unblocked the backward took 0.88-0.93x (32x64x56x56;
+    // bench/NOTES.md).
     const bool stream_grad_residual = !part.along_c && part.nc == w.nc;
     const std::vector<double> sums = grad_sums<scalar_t>(part, grad_output, input, output, coeffs.affine, mask,
                                                          residual_first ? grad_residual : at::Tensor(),
