@@ -62,14 +62,28 @@ def _versions():
 
 
 def _time_case(mod, case, providers, device, quick):
-    """Yields (provider, Timing) for one case. On the CPU the providers run in turn
-    (time_interleaved), so that their ratios come from the same minutes; on a GPU each runs on
-    its own (do_bench flushes L2 before every run), and is yielded as soon as it is timed."""
+    """Yields (provider, Timing, accuracy) for one case: accuracy, for a cnnkern provider, is
+    (error, correct) of its outputs against the float64 oracle's on the same inputs
+    (mod.accuracy), checked before it is timed; None for the others. On the CPU the providers
+    run in turn (time_interleaved), so that their ratios come from the same minutes; on a GPU
+    each runs on its own (do_bench flushes L2 before every run), and is yielded as soon as it
+    is timed."""
+    oracle = mod.make_fn("reference", case, device)()
+    eager = mod.make_fn("eager", case, device)()
+
+    def accuracy(provider, fn):
+        return mod.accuracy(fn(), eager, oracle, case.dtype) if provider.startswith("cnnkern-") else None
+
     if device.type == "cpu":
-        yield from time_interleaved({p: mod.make_fn(p, case, device) for p in providers}, quick).items()
+        fns = {p: mod.make_fn(p, case, device) for p in providers}
+        checked = {p: accuracy(p, fn) for p, fn in fns.items()}
+        for p, timing in time_interleaved(fns, quick).items():
+            yield p, timing, checked[p]
         return
     for p in providers:
-        yield p, time_fn(mod.make_fn(p, case, device), device, quick)
+        fn = mod.make_fn(p, case, device)
+        checked = accuracy(p, fn)
+        yield p, time_fn(fn, device, quick), checked
 
 
 def _progress(i, n, label):
@@ -79,17 +93,36 @@ def _progress(i, n, label):
     sys.stderr.flush()
 
 
+def _error_cell(r) -> str:
+    if r.get("max_error") is None:
+        return "-"
+    return f"{r['max_error']:.0e}" + ("" if r["correct"] else " WRONG")
+
+
 def _table(results):
     head = f"{'case':<44} {'provider':<21} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>7} {'%copy':>6} " \
-           f"{'x eager':>8} {'x compile':>9} {'mem MB':>7}"
+           f"{'x eager':>8} {'x compile':>9} {'mem MB':>7} {'error':>7}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r['case']:<44} {r['provider']:<21} {r['median_ms']:>10.4f} "
             f"{r['p20_ms']:>8.4f}-{r['p80_ms']:<8.4f} {r['gbps']:>7.1f} {r['pct_of_copy']:>5.0f}% "
             f"{r.get('speedup_vs_eager', float('nan')):>8.2f} {r.get('speedup_vs_compile', float('nan')):>9.2f} "
-            + (f"{r['peak_mem_mb']:>7.1f}" if r["peak_mem_mb"] is not None else f"{'-':>7}"))
+            + (f"{r['peak_mem_mb']:>7.1f}" if r["peak_mem_mb"] is not None else f"{'-':>7}")
+            + f" {_error_cell(r):>7}")
     return "\n".join(lines)
+
+
+def _accuracy_line(results) -> str:
+    """Whether every cnnkern result's outputs were within bounds of the oracle's, and which were not."""
+    checked = [r for r in results if "correct" in r]
+    wrong = [r for r in checked if not r["correct"]]
+    if not wrong:
+        return f"accuracy: all {len(checked)} cnnkern results within bounds (error: against the float64 " \
+               "oracle, at most twice eager's + a margin per dtype: cnnkern.reference.error_bound)"
+    return "\n".join([f"accuracy: {len(wrong)} of {len(checked)} cnnkern results are WRONG (their targets count "
+                      "as missed):"] + [f"{r['case']:<44} {r['provider']:<21} error {r['max_error']:.2e}"
+                                        for r in wrong])
 
 
 _METRIC_NAMES = {"speedup_vs_eager": "x eager", "speedup_vs_compile": "x compile", "pct_of_copy": "% of copy"}
@@ -193,14 +226,15 @@ def main(argv=None):
         cases_by_label = {case.label: case for case, _ in todo}
         for i, (case, runs) in enumerate(todo):
             _progress(i, len(todo), case.label)
-            for p, t in _time_case(mod, case, runs, device, args.quick):
+            for p, t, checked in _time_case(mod, case, runs, device, args.quick):
                 gbps = case.bytes / (t.median_ms * 1e-3) / 1e9
                 copy = ceiling(case)
                 family_results.append(dict(family=family, case=case.label, mode=case.mode, shape=list(case.shape),
                                            dtype=str(case.dtype)[6:], layout=case.layout, provider=p,
                                            median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                                            bytes=case.bytes, gbps=gbps, copy_gbps=copy,
-                                           pct_of_copy=100 * gbps / copy, peak_mem_mb=t.peak_mem_mb))
+                                           pct_of_copy=100 * gbps / copy, peak_mem_mb=t.peak_mem_mb,
+                                           **(dict(max_error=checked[0], correct=checked[1]) if checked else {})))
                 results[:] = [r for r in results if r["family"] != family] + mod.summarize(
                     family_results, device, cases_by_label)
                 save()
@@ -208,6 +242,7 @@ def main(argv=None):
         sys.stderr.write("\n")
 
     print(_table(results))
+    print(_accuracy_line(results))
     targets = _targets_table(results)
     if targets:
         print(targets)

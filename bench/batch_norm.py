@@ -9,13 +9,14 @@ reach at most 2/3 of the copy bandwidth on the forward by this count.
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import cnnkern
 from cnnkern.backends import refuses
+from cnnkern.reference import batch_norm_ref, error_bound, max_error
 
 GPU_SHAPES = [(128, 64, 112, 112), (128, 256, 56, 56), (128, 512, 28, 28), (128, 1024, 14, 14), (128, 2048, 7, 7)]
 # One shape: the quick run must fit one GPU call (10 minutes) with the build and the
@@ -95,26 +96,48 @@ def provider_refuses(provider: str, device: torch.device, dtype: torch.dtype):
     return refuses(backend, device, dtype, "bn_forward_train")
 
 
+def accuracy(outputs, eager, oracle, dtype: torch.dtype) -> Tuple[float, bool]:
+    """How far a cnnkern provider's outputs (a tensor, or a tuple of gradients) lie from the
+    float64 oracle's on the same inputs (reference.max_error, the largest over the outputs), and
+    whether each lies within reference.error_bound of eager's: the tests' rule."""
+    triples = list(zip(outputs, eager, oracle)) if isinstance(oracle, tuple) else [(outputs, eager, oracle)]
+    errors = [(max_error(ours, truth), max_error(theirs, truth)) for ours, theirs, truth in triples]
+    worst = max(ours for ours, _ in errors)
+    return worst, all(ours <= error_bound(dtype, theirs) for ours, theirs in errors)
+
+
 def _eager(x, running_mean, running_var, weight, bias, training, residual):
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
     return F.relu(y + residual if residual is not None else y)
 
 
 def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], object]:
-    """A no-argument callable running `case` once with `provider`."""
+    """A no-argument callable running `case` once with `provider`, or with "reference": the
+    float64 oracle (cnnkern.reference) on the same inputs."""
     mode = MODES[case.mode]
     N, C = case.shape[:2]
     fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     grad = mode["bwd"]
     pdtype = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype
 
-    x = torch.randn(case.shape, device=device, dtype=case.dtype).contiguous(memory_format=fmt).requires_grad_(grad)
-    r = torch.randn_like(x).requires_grad_(grad) if mode["residual"] else None
-    w = (torch.rand(C, device=device, dtype=pdtype) + 0.5).requires_grad_(grad)
-    b = torch.randn(C, device=device, dtype=pdtype).requires_grad_(grad)
+    # Every provider of a case gets the same inputs: the benchmark compares their outputs.
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def random(shape, dtype, uniform=False):
+        sample = torch.rand if uniform else torch.randn
+        return sample(shape, device=device, dtype=dtype, generator=generator).contiguous(
+            memory_format=fmt if len(shape) == 4 else torch.contiguous_format)
+
+    x = random(case.shape, case.dtype).requires_grad_(grad)
+    r = random(case.shape, case.dtype).requires_grad_(grad) if mode["residual"] else None
+    w = (random((C,), pdtype, uniform=True) + 0.5).requires_grad_(grad)
+    b = random((C,), pdtype).requires_grad_(grad)
     rm, rv = torch.zeros(C, device=device, dtype=pdtype), torch.ones(C, device=device, dtype=pdtype)
-    g = torch.randn_like(x)
+    g = random(case.shape, case.dtype)
     training = mode["training"]
+    if provider == "reference":
+        x, r, w, b, rm, rv, g = (t if t is None else t.detach().double().requires_grad_(t.requires_grad)
+                                 for t in (x, r, w, b, rm, rv, g))
 
     if provider.startswith("cnnkern-"):
         backend = _backend(provider)
@@ -127,6 +150,9 @@ def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], obj
     elif provider == "eager":
         def f():
             return _eager(x, rm, rv, w, b, training, r)
+    elif provider == "reference":
+        def f():
+            return batch_norm_ref(x, rm, rv, w, b, training, 0.1, 1e-5, r, "relu")
     else:
         torch._dynamo.reset()  # a fresh cache per case: never the recompile limit's eager fallback
         compiled = torch.compile(_eager, fullgraph=True)
@@ -158,7 +184,8 @@ def targets(case: Case, device: torch.device) -> Dict[str, float]:
 def summarize(results: List[Dict], device: torch.device, cases_by_label: Dict[str, Case]) -> List[Dict]:
     """Adds speedups against eager and torch.compile of the same case and, to the cnnkern
     providers' results, the targets that apply: {metric: {"want", "got", "met"}}, "got" None
-    where the run lacks what the metric compares with."""
+    where the run lacks what the metric compares with; none is met by a result whose outputs
+    were not found "correct" (accuracy)."""
     by_case = {}
     for r in results:
         by_case.setdefault(r["case"], {})[r["provider"]] = r
@@ -168,7 +195,10 @@ def summarize(results: List[Dict], device: torch.device, cases_by_label: Dict[st
             if other in peers:
                 r[f"speedup_vs_{other}"] = peers[other]["median_ms"] / r["median_ms"]
         if r["provider"].startswith("cnnkern-"):
-            r["targets"] = {metric: dict(want=want, got=r.get(metric), met=r.get(metric) is not None and
-                                         r[metric] >= want)
-                            for metric, want in targets(cases_by_label[r["case"]], device).items()}
+            case = cases_by_label[r["case"]]
+            # A result whose outputs are wrong meets no target, however fast.
+            correct = r.get("correct", False)
+            r["targets"] = {metric: dict(want=want, got=r.get(metric), met=correct and
+                                         r.get(metric) is not None and r[metric] >= want)
+                            for metric, want in targets(case, device).items()}
     return results

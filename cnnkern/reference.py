@@ -2,7 +2,9 @@
 
 Written from the definitions (no F.batch_norm), differentiable by autograd, in
 the accumulation dtype (float32 for half inputs, float64 for float64): the tests
-call them on float64 copies of their inputs.
+(and the benchmark's accuracy check) call them on float64 copies of their inputs, and
+hold a result in a dtype to error_bound: no further from the oracle than PyTorch's own
+result in that dtype allows.
 """
 from typing import Optional
 
@@ -62,3 +64,29 @@ def batch_norm_ref(
     if activation == "relu":
         y = torch.relu(y)
     return y.to(input.dtype)
+
+
+# Against the float64 oracle, a result in `dtype` may err by at most
+#   2 * (PyTorch's own error in that dtype) + ATOL[dtype]
+# (max_error: max abs error, over tensors normalized to unit scale). The factor 2 leaves room
+# for a different summation order; ATOL covers cases where PyTorch is exact. A ReLU mask that
+# flips where a value rounds across zero costs PyTorch as much as it costs us.
+ATOL = {
+    torch.float64: 1e-9,  # reductions in another order: rounding only
+    torch.float32: 2e-5,  # fp32 statistics over up to ~1e4 values per channel
+    torch.bfloat16: 1e-2,  # one bf16 rounding of the output is ~4e-3 relative
+    torch.float16: 2e-3,  # one fp16 rounding of the output is ~5e-4 relative
+}
+
+
+def max_error(t: Tensor, oracle: Tensor) -> float:
+    """Max abs error of `t` against `oracle`, relative to the oracle's scale (at least 1)."""
+    if oracle.numel() == 0:
+        return 0.0
+    scale = max(oracle.abs().max().item(), 1.0)
+    return (t.to(oracle.dtype) - oracle).abs().max().item() / scale
+
+
+def error_bound(dtype: torch.dtype, torch_error: float) -> float:
+    """How far from the oracle a result in `dtype` may lie, where PyTorch's lies `torch_error` away."""
+    return 2 * torch_error + ATOL[dtype]

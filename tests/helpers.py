@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import cnnkern
 from cnnkern import reference
+from cnnkern.reference import error_bound, max_error
 from cnnkern.backends import refuses
 
 # (backend, device): every backend on each device it serves. CUDA ones carry the
@@ -82,30 +83,12 @@ def require(backend: str, device: str, dtype: torch.dtype, op: str = "bn_forward
         pytest.skip(f"{backend} cannot run on {device}/{dtype} here: {reason}")
 
 
-# Against the float64 oracle, a result in `dtype` may err by at most
-#   2 * (PyTorch's own error in that dtype) + ATOL[dtype]
-# (max abs error, over tensors normalized to unit scale). The factor 2 leaves room
-# for a different summation order; ATOL covers cases where PyTorch is exact.
-ATOL = {
-    torch.float64: 1e-9,  # reductions in another order: rounding only
-    torch.float32: 2e-5,  # fp32 statistics over up to ~1e4 values per channel
-    torch.bfloat16: 1e-2,  # one bf16 rounding of the output is ~4e-3 relative
-    torch.float16: 2e-3,  # one fp16 rounding of the output is ~5e-4 relative
-}
-
-
-def max_err(t: torch.Tensor, oracle: torch.Tensor) -> float:
-    """Max abs error of `t` against `oracle`, relative to the oracle's scale."""
-    scale = max(oracle.abs().max().item(), 1.0) if oracle.numel() else 1.0
-    return (t.double() - oracle).abs().max().item() / scale if oracle.numel() else 0.0
-
-
 def assert_close_to_oracle(ours: torch.Tensor, theirs: torch.Tensor, oracle: torch.Tensor, dtype, what: str) -> None:
     """`ours` is no further from the float64 oracle than PyTorch's `theirs` allows."""
     assert ours.shape == oracle.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(oracle.shape)}"
     assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    e_ours, e_torch = max_err(ours, oracle), max_err(theirs, oracle)
-    bound = 2 * e_torch + ATOL[dtype]
+    e_ours, e_torch = max_error(ours, oracle), max_error(theirs, oracle)
+    bound = error_bound(dtype, e_torch)
     assert e_ours <= bound, f"{what}: error {e_ours:.3g} > bound {bound:.3g} (PyTorch's error {e_torch:.3g})"
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench import ab, dram, host
-from bench.__main__ import _targets_table, parse_args
+from bench.__main__ import _accuracy_line, _targets_table, parse_args
 from bench.cli import comma_list
 
 NCU_CSV = '''==PROF== Connected to process 123
@@ -107,21 +107,28 @@ def test_targets_follow_the_issue():
     cases = [Case("fwd_relu", shape, torch.bfloat16, "nchw"), Case("eval_relu", shape, torch.float32, "nchw"),
              Case("fwd_relu", shape, torch.float64, "nchw")]
 
-    def result(case, provider, ms, pct=50.0):
-        return dict(case=case.label, provider=provider, median_ms=ms, pct_of_copy=pct)
+    def result(case, provider, ms, pct=50.0, correct=True):
+        checked = dict(max_error=0.0 if correct else 0.5, correct=correct) if provider.startswith("cnnkern") else {}
+        return dict(case=case.label, provider=provider, median_ms=ms, pct_of_copy=pct, **checked)
 
     results = [result(cases[0], "eager", 3.0), result(cases[0], "compile", 1.0),
                result(cases[0], "cnnkern-cuda", 1.0, 85.0), result(cases[1], "cnnkern-triton", 1.0),
-               result(cases[2], "cnnkern-cuda", 1.0)]
+               result(cases[2], "cnnkern-cuda", 1.0), result(cases[0], "cnnkern-triton", 0.5, 90.0, correct=False)]
     summarize(results, torch.device("cuda"), {c.label: c for c in cases})
-    fwd, evaluation, fp64 = results[2]["targets"], results[3]["targets"], results[4]["targets"]
+    fwd, evaluation, fp64, wrong = (results[i]["targets"] for i in (2, 3, 4, 5))
     assert {m: (t["want"], t["met"]) for m, t in fwd.items()} == {
         "speedup_vs_eager": (1.5, True), "speedup_vs_compile": (1.1, False), "pct_of_copy": (80.0, True)}
     assert evaluation == {"pct_of_copy": dict(want=80.0, got=50.0, met=False)}
     assert fp64 == {} and "targets" not in results[0]
+    # Fast but wrong: its outputs failed the accuracy check, so it meets nothing.
+    assert {m: (t["got"], t["met"]) for m, t in wrong.items()} == {
+        "speedup_vs_eager": (6.0, False), "speedup_vs_compile": (2.0, False), "pct_of_copy": (90.0, False)}
     table = _targets_table(results)
-    assert table.splitlines()[0].endswith("2 of 4 met")
+    assert table.splitlines()[0].endswith("2 of 7 met")
     assert "x compile 1.00 (>= 1.1) MISSED" in table and "x eager 3.00 (>= 1.5) met" in table
+    accuracy = _accuracy_line(results)
+    assert accuracy.splitlines()[0].startswith("accuracy: 1 of 4 cnnkern results are WRONG")
+    assert accuracy.splitlines()[1].split()[-1] == "5.00e-01"
 
     cpu_case = Case("fwd_bwd_relu", (32, 64, 56, 56), torch.float32, "nchw")
     cpu = [result(cpu_case, "cnnkern-cpu", 1.0)]  # no eager in this run
@@ -190,3 +197,30 @@ def test_cpu_run_writes_ratios(tmp_path):
     for r in results:
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["speedup_vs_eager"] > 0
+        # cnnkern's outputs were checked against the float64 oracle before timing; eager's are the bar.
+        assert (r["correct"], r["max_error"] < 1e-6) == (True, True) if r["provider"] == "cnnkern-cpu" else \
+            "correct" not in r
+
+
+def test_accuracy_follows_the_tests_rule():
+    """The benchmark's check: each output no further from the float64 oracle than twice eager's
+    error plus the dtype's margin (the tests' rule), so a ReLU mask that flips where a value
+    rounds across zero passes when eager flips too, and an error of its own does not."""
+    from bench.batch_norm import accuracy
+
+    oracle = (torch.randn(64, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    oracle[0][5] = 1.5  # the value that flips below: as large as a typical gradient
+    eager = tuple(t.to(torch.bfloat16) for t in oracle)
+    assert accuracy(eager, eager, oracle, torch.bfloat16) == (pytest.approx(max(
+        (e.double() - o).abs().max().item() / max(o.abs().max().item(), 1.0) for e, o in zip(eager, oracle))), True)
+    flipped = tuple(t.clone() for t in eager)
+    flipped[0][5] = 0.0  # a masked value: eager kept it
+    error, correct = accuracy(flipped, eager, oracle, torch.bfloat16)
+    assert not correct and error == pytest.approx(1.5 / max(oracle[0].abs().max().item(), 1.0), rel=0.02)
+    eager_flipped = tuple(t.clone() for t in eager)
+    eager_flipped[0][5] = 0.0  # eager's own flip at the same size
+    assert accuracy(flipped, eager_flipped, oracle, torch.bfloat16)[1]
+    # One tensor, not a tuple (the forwards): float32 within 2e-5 of exact passes, 1e-3 does not.
+    y = torch.rand(1000, dtype=torch.float64) + 0.5
+    assert accuracy(y.float(), y.float(), y, torch.float32)[1]
+    assert not accuracy(y.float() * (1 + 1e-3), y.float(), y, torch.float32)[1]

@@ -78,7 +78,7 @@ def assert_merged(passes):
     assert [p[1] for p in passes] == [bn._bn_merge_partials_kernel] * 2, "the plan did not merge in a launch"
 
 
-# bf16 and float32 against PyTorch's error (helpers.ATOL); float64 against the oracle.
+# bf16 and float32 against PyTorch's error (reference.error_bound); float64 against the oracle.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
 @pytest.mark.parametrize("splits_per_step", [None, 2], ids=["one_step", "steps_of_2"])
 @pytest.mark.parametrize("operands", ["channels_last", "nchw"])
