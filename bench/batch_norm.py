@@ -7,6 +7,7 @@ parameters are O(C) and left out. Two-pass kernels read x twice, so they can
 reach at most 2/3 of the copy bandwidth on the forward by this count.
 """
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
@@ -102,7 +103,7 @@ def accuracy(outputs, eager, oracle, dtype: torch.dtype) -> Tuple[float, bool]:
     whether each lies within reference.error_bound of eager's: the tests' rule."""
     triples = list(zip(outputs, eager, oracle)) if isinstance(oracle, tuple) else [(outputs, eager, oracle)]
     errors = [(max_error(ours, truth), max_error(theirs, truth)) for ours, theirs, truth in triples]
-    worst = max(ours for ours, _ in errors)
+    worst = max((ours for ours, _ in errors), key=lambda e: math.inf if math.isnan(e) else e)  # NaN first
     return worst, all(ours <= error_bound(dtype, theirs) for ours, theirs in errors)
 
 

@@ -3,6 +3,7 @@ the parsing of Nsight Compute's CSV by bench/dram.py (run on a GPU only), and th
 host-time table of bench/host.py."""
 import argparse
 import json
+import math
 import time
 
 import pytest
@@ -224,3 +225,7 @@ def test_accuracy_follows_the_tests_rule():
     y = torch.rand(1000, dtype=torch.float64) + 0.5
     assert accuracy(y.float(), y.float(), y, torch.float32)[1]
     assert not accuracy(y.float() * (1 + 1e-3), y.float(), y, torch.float32)[1]
+    nan = tuple(t.clone() for t in eager)
+    nan[1][0] = float("nan")  # after a finite output: the error says NaN, not the finite one's
+    error, correct = accuracy(nan, eager, oracle, torch.bfloat16)
+    assert math.isnan(error) and not correct
