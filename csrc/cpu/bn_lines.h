@@ -379,6 +379,12 @@ void dispatch_bool(bool b, const F& f) {
 inline bool streams_outputs(int64_t bytes);
 inline bool rounds_bfloat16_natively(int64_t bytes);
 
+#ifdef CNNKERN_IN_REGISTERS
+// Whether w's float32 passes store their outputs around the caches: its op streams, and its lines
+// are long enough for it (kStreamedLine, csrc/cpu/streamed.h).
+inline bool streams_lines(const Walk& w) { return streams_outputs(w.op_bytes) && w.len >= kStreamedLine; }
+#endif
+
 // Line functions: line_fn(n, j, stage) gives the element function of line (n, j), elem(k),
 // its tensors' lines wrapped by `stage`, an St (StageFor; csrc/cpu/stage.h). The element
 // functions of 16-bit passes also give 8 elements a step, elem.eight(k), for the lines that
@@ -403,7 +409,7 @@ template <typename St, typename LineFn>
 void for_each_element(const Walk& w, const LineFn& line_fn) {
 #ifdef CNNKERN_IN_REGISTERS
   if constexpr (std::is_same_v<St, Float32Lines>) {
-    if (streams_outputs(w.op_bytes) && w.len >= kStreamedLine) return for_each_element<Streamed>(w, line_fn);
+    if (streams_lines(w)) return for_each_element<Streamed>(w, line_fn);
   }
 #ifdef CNNKERN_AVX512_BF16_LOOPS
   if constexpr (kBFloat16Lines<St>) {
@@ -605,7 +611,7 @@ template <typename acc_t, typename ChannelStride, typename St, typename LineFn>
 std::vector<double> channel_sums_writing(const Walk& w, const LineFn& line_fn, bool may_stream) {
 #ifdef CNNKERN_IN_REGISTERS
   if constexpr (std::is_same_v<St, Float32Lines>) {
-    if (may_stream && streams_outputs(w.op_bytes) && w.len >= kStreamedLine) {
+    if (may_stream && streams_lines(w)) {
       return channel_sums<acc_t, ChannelStride, /*kGroupLines=*/false, StreamedSums>(w, line_fn);
     }
   }
