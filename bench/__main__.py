@@ -64,26 +64,24 @@ def _versions():
 def _time_case(mod, case, providers, device, quick):
     """Yields (provider, Timing, accuracy) for one case: accuracy, for a cnnkern provider, is
     (error, correct) of its outputs against the float64 oracle's on the same inputs
-    (mod.accuracy), checked before it is timed; None for the others. On the CPU the providers
+    (mod.checker), checked before it is timed; None for the others. On the CPU the providers
     run in turn (time_interleaved), so that their ratios come from the same minutes; on a GPU
     each runs on its own (do_bench flushes L2 before every run), and is yielded as soon as it
     is timed."""
-    oracle = mod.make_fn("reference", case, device)()
-    eager = mod.make_fn("eager", case, device)()
+    check = mod.checker(case, device)
 
-    def accuracy(provider, fn):
-        return mod.accuracy(fn(), eager, oracle, case.dtype) if provider.startswith("cnnkern-") else None
+    def accuracy(provider):
+        return check(provider) if provider.startswith("cnnkern-") else None
 
     if device.type == "cpu":
+        checked = {p: accuracy(p) for p in providers}
         fns = {p: mod.make_fn(p, case, device) for p in providers}
-        checked = {p: accuracy(p, fn) for p, fn in fns.items()}
         for p, timing in time_interleaved(fns, quick).items():
             yield p, timing, checked[p]
         return
     for p in providers:
-        fn = mod.make_fn(p, case, device)
-        checked = accuracy(p, fn)
-        yield p, time_fn(fn, device, quick), checked
+        checked = accuracy(p)
+        yield p, time_fn(mod.make_fn(p, case, device), device, quick), checked
 
 
 def _progress(i, n, label):

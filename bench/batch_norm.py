@@ -97,14 +97,34 @@ def provider_refuses(provider: str, device: torch.device, dtype: torch.dtype):
     return refuses(backend, device, dtype, "bn_forward_train")
 
 
-def accuracy(outputs, eager, oracle, dtype: torch.dtype) -> Tuple[float, bool]:
-    """How far a cnnkern provider's outputs (a tensor, or a tuple of gradients) lie from the
-    float64 oracle's on the same inputs (reference.max_error, the largest over the outputs), and
-    whether each lies within reference.error_bound of eager's: the tests' rule."""
-    triples = list(zip(outputs, eager, oracle)) if isinstance(oracle, tuple) else [(outputs, eager, oracle)]
-    errors = [(max_error(ours, truth), max_error(theirs, truth)) for ours, theirs, truth in triples]
-    worst = max((ours for ours, _ in errors), key=lambda e: math.inf if math.isnan(e) else e)  # NaN first
-    return worst, all(ours <= error_bound(dtype, theirs) for ours, theirs in errors)
+def accuracy(ours, eager, ours_oracle, eager_oracle, dtype: torch.dtype) -> Tuple[float, bool]:
+    """How far a cnnkern provider's outputs (a list of tensors) lie from the float64 oracle's
+    (reference.max_error, the largest over the outputs), and whether each lies within
+    reference.error_bound of eager's error against its own oracle: the tests' rule."""
+    errors = [(max_error(o, truth), max_error(e, their_truth))
+              for o, e, truth, their_truth in zip(ours, eager, ours_oracle, eager_oracle, strict=True)]
+    worst = max((o for o, _ in errors), key=lambda e: math.inf if math.isnan(e) else e)  # NaN first
+    return worst, all(o <= error_bound(dtype, e) for o, e in errors)
+
+
+def checker(case: Case, device: torch.device) -> Callable[[str], Tuple[float, bool]]:
+    """check(provider) -> accuracy() of the provider's outputs on `case`: the forward's output,
+    or the gradients, these against the oracle's through the result's own ReLU mask (as the
+    tests hold them: reference.ATOL says why). Eager's side is computed once, here."""
+    backward = MODES[case.mode]["bwd"]
+
+    def outputs(provider, relu_mask=None):
+        y, grads = make_fn(provider, case, device, relu_mask=relu_mask, with_output=True)()
+        return list(grads) if backward else [y], y.detach() > 0
+
+    eager, eager_mask = outputs("eager")
+    eager_oracle = outputs("reference", eager_mask if backward else None)[0]
+
+    def check(provider):
+        ours, mask = outputs(provider)
+        ours_oracle = outputs("reference", mask)[0] if backward else eager_oracle
+        return accuracy(ours, eager, ours_oracle, eager_oracle, case.dtype)
+    return check
 
 
 def _eager(x, running_mean, running_var, weight, bias, training, residual):
@@ -112,9 +132,12 @@ def _eager(x, running_mean, running_var, weight, bias, training, residual):
     return F.relu(y + residual if residual is not None else y)
 
 
-def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], object]:
+def make_fn(provider: str, case: Case, device: torch.device, *, relu_mask=None,
+            with_output=False) -> Callable[[], object]:
     """A no-argument callable running `case` once with `provider`, or with "reference": the
-    float64 oracle (cnnkern.reference) on the same inputs."""
+    float64 oracle (cnnkern.reference, through `relu_mask` where given) on the same inputs.
+    It gives what the mode times (the output, or the gradients); `with_output`: (output,
+    gradients), with an empty tuple of gradients for a forward-only mode."""
     mode = MODES[case.mode]
     N, C = case.shape[:2]
     fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
@@ -153,7 +176,7 @@ def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], obj
             return _eager(x, rm, rv, w, b, training, r)
     elif provider == "reference":
         def f():
-            return batch_norm_ref(x, rm, rv, w, b, training, 0.1, 1e-5, r, "relu")
+            return batch_norm_ref(x, rm, rv, w, b, training, 0.1, 1e-5, r, "relu", relu_mask=relu_mask)
     else:
         torch._dynamo.reset()  # a fresh cache per case: never the recompile limit's eager fallback
         compiled = torch.compile(_eager, fullgraph=True)
@@ -162,6 +185,11 @@ def make_fn(provider: str, case: Case, device: torch.device) -> Callable[[], obj
             return compiled(x, rm, rv, w, b, training, r)
 
     inputs = [t for t in (x, w, b, r) if t is not None]
+    if with_output:
+        def outputs():
+            y = f()
+            return y, torch.autograd.grad(y, inputs, g) if grad else ()
+        return outputs
     if mode["fwd"] and not mode["bwd"]:
         return f
     if mode["fwd"]:

@@ -35,8 +35,15 @@ def batch_norm_ref(
     eps: float = 1e-5,
     residual: Optional[Tensor] = None,
     activation: Optional[str] = None,
+    *,
+    relu_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """act(batch_norm(input) + residual); updates the running stats in place when training."""
+    """act(batch_norm(input) + residual); updates the running stats in place when training.
+
+    relu_mask (bool, input's shape; with activation "relu"): where the ReLU passes, in place
+    of where the value is positive. Given a result's own mask (its output > 0), the oracle's
+    gradients are those of the function that result computed: an element whose value rounds
+    across zero in one dtype and not in another then costs neither a gradient error."""
     acc = stat_dtype(input.dtype)
     x = input.to(acc)
     shape = [1, -1] + [1] * (input.dim() - 2)
@@ -62,15 +69,17 @@ def batch_norm_ref(
     if residual is not None:
         y = y + residual.to(acc)
     if activation == "relu":
-        y = torch.relu(y)
+        y = torch.relu(y) if relu_mask is None else torch.where(relu_mask, y, 0)
     return y.to(input.dtype)
 
 
 # Against the float64 oracle, a result in `dtype` may err by at most
 #   2 * (PyTorch's own error in that dtype) + ATOL[dtype]
 # (max_error: max abs error, over tensors normalized to unit scale). The factor 2 leaves room
-# for a different summation order; ATOL covers cases where PyTorch is exact. A ReLU mask that
-# flips where a value rounds across zero costs PyTorch as much as it costs us.
+# for a different summation order; ATOL covers cases where PyTorch is exact. Gradients through
+# a ReLU are held to the oracle given the result's own mask (batch_norm_ref's relu_mask): where
+# a value rounds across zero in one dtype the mask flips, which is rounding, not an error, yet
+# costs about one |grad_output| there and would loosen the bound on every element.
 ATOL = {
     torch.float64: 1e-9,  # reductions in another order: rounding only
     torch.float32: 2e-5,  # fp32 statistics over up to ~1e4 values per channel
