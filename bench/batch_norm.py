@@ -102,7 +102,7 @@ def accuracy(ours, eager, ours_oracle, eager_oracle, dtype: torch.dtype) -> Tupl
     (reference.max_error, the largest over the outputs), and whether each lies within
     reference.error_bound of eager's error against its own oracle: the tests' rule."""
     errors = [(max_error(o, truth), max_error(e, their_truth))
-              for o, e, truth, their_truth in zip(ours, eager, ours_oracle, eager_oracle, strict=True)]
+              for o, e, truth, their_truth in zip(ours, eager, ours_oracle, eager_oracle)]
     worst = max((o for o, _ in errors), key=lambda e: math.inf if math.isnan(e) else e)  # NaN first
     return worst, all(o <= error_bound(dtype, e) for o, e in errors)
 
