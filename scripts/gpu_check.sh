@@ -17,7 +17,8 @@
 # AB_BUDGET (default 30), the host time per call of each layer (bench/host.py) HOST_BUDGET
 # (default 15).
 # The extension is built for this GPU's architecture only, unless TORCH_CUDA_ARCH_LIST
-# says otherwise.
+# says otherwise; or not built at all where the call carries a build of the same sources made
+# on the CPU machine (scripts/prebuild_cuda.sh: carry [".prebuilt"]).
 # Arguments after OUT replace the benchmark's default `--quick` (e.g. `--mode fwd_relu`
 # for the full shapes of one mode); TEST_BUDGET=0 skips the tests.
 # The GPU machines have torch, triton, pytest and ninja but no network: nothing is installed.
@@ -29,17 +30,25 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 start=$SECONDS
 stage() { echo "== $1 ($((SECONDS - start)) s in)"; }
+source scripts/carried_build.sh
 
 stage "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 
 stage "build"
+# Tests and tools that start a python of their own import cnnkern from this tree.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
-FORCE_CUDA=1 MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . \
-  > "$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head -30; tail -20 "$out/build.log"; exit 1; }
-grep "cnnkern:" "$out/build.log"
+if carried_build_fits "$out"; then
+  echo "cnnkern: the carried build ($(tr '\n' ' ' < .prebuilt/built.txt))"
+else
+  rm -f cnnkern/_C*.so
+  FORCE_CUDA=1 MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . \
+    > "$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head -30; tail -20 "$out/build.log"; exit 1; }
+  grep "cnnkern:" "$out/build.log"
+fi
 
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
