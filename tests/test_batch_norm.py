@@ -103,6 +103,33 @@ def test_broadcast_and_odd_strides(backend, device):
     torch.testing.assert_close(w.grad, wo.grad, rtol=1e-9, atol=1e-9)
 
 
+def test_oracle_through_a_relu_mask():
+    """reference.batch_norm_ref's relu_mask (the tests' and the benchmark's oracle of a result's
+    own ReLU decisions): its own mask gives the plain oracle; a mask passing one element the ReLU
+    stopped gives that element its negative value and its gradient, and nothing else changes
+    but the gradients' sums."""
+    x = make_input((2, 3, 4, 5), torch.float64, "cpu")
+    r, g = torch.randn_like(x), torch.randn_like(x)
+
+    def run(relu_mask=None):
+        xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = reference.batch_norm_ref(xs, None, None, training=True, residual=rs, activation="relu",
+                                     relu_mask=relu_mask)
+        return (y.detach(),) + torch.autograd.grad(y, (xs, rs), g)
+
+    y, gx, gr = run()
+    for ours, plain in zip(run(y > 0), (y, gx, gr)):
+        assert torch.equal(ours, plain)
+    mask = y > 0
+    flip = (~mask).nonzero()[0].tolist()
+    mask[tuple(flip)] = True
+    y_flipped, gx_flipped, gr_flipped = run(mask)
+    assert y_flipped[tuple(flip)] < 0 and torch.equal(y_flipped.masked_fill(mask, 0), torch.zeros_like(y))
+    assert torch.equal(y_flipped.where(y > 0, 0), y)
+    assert gr_flipped[tuple(flip)] == g[tuple(flip)] and torch.equal(gr_flipped.where(y > 0, 0), gr)
+    assert not torch.allclose(gx_flipped, gx)
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_empty_batch(backend, device, training):
