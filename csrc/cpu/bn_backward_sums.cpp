@@ -15,7 +15,7 @@ namespace {
 
 // Element k of a line of grad_sums: (gz, gz * (x - mean)), gz stored to grad_residual where
 // kResidual. eight(k): elements k to k + 7, for 16-bit lines that convert in registers
-// (csrc/cpu/in_registers.h).
+// (csrc/cpu/in_registers.h); prefetch(k): its lines ahead of k, for the sums along L.
 template <Mask kMask, bool kResidual, typename scalar_t, typename In, typename Out, typename P>
 struct GradSumsElement {
   using acc_t = at::opmath_type<scalar_t>;
@@ -28,6 +28,11 @@ struct GradSumsElement {
     return {gz, gz * (static_cast<acc_t>(x[k]) - mean[k])};
   }
 #ifdef CNNKERN_IN_REGISTERS
+  CNNKERN_AVX2_F16C void prefetch(int64_t k) const {  // of the lines eight() reads
+    cpu::prefetch(g, k);
+    cpu::prefetch(x, k);
+    if constexpr (kMask == Mask::kOutput) cpu::prefetch(y, k);
+  }
   CNNKERN_AVX2_F16C Pair8 eight(int64_t k) const {
     const __m256 gz = relu_grad8<kMask, scalar_t>(g, y, x, mean, scale, shift, k);
     if constexpr (kResidual) store8(dr, k, gz);

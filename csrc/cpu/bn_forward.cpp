@@ -25,7 +25,8 @@ using namespace cpu;  // NOLINT: the line walks and passes of bn_lines.h
 // ---- forward ------------------------------------------------------------------
 
 // Element k of a line of shifted_sums: (x - ref, (x - ref)^2). eight(k): elements k to k + 7,
-// for 16-bit lines that convert in registers (csrc/cpu/in_registers.h).
+// for 16-bit lines that convert in registers (csrc/cpu/in_registers.h); prefetch(k): its line
+// ahead of k, for the sums along L.
 template <typename acc_t, typename In, typename P>
 struct ShiftedElement {
   In x;   // the input's line
@@ -35,6 +36,7 @@ struct ShiftedElement {
     return {d, d * d};
   }
 #ifdef CNNKERN_IN_REGISTERS
+  CNNKERN_AVX2_F16C void prefetch(int64_t k) const { cpu::prefetch(x, k); }
   CNNKERN_AVX2_F16C Pair8 eight(int64_t k) const {
     const __m256 d = _mm256_sub_ps(load8(x, k), load8(ref, k));
     return {d, _mm256_mul_ps(d, d)};
