@@ -2,6 +2,7 @@
 call of the batch-norm family compared with PyTorch and the float64 oracle."""
 import os
 import platform
+from typing import Optional
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ def require(backend: str, device: str, dtype: torch.dtype, op: str = "bn_forward
 
 
 def assert_close_to_oracle(ours: torch.Tensor, theirs: torch.Tensor, oracle: torch.Tensor, dtype, what: str,
-                           their_oracle: torch.Tensor = None) -> None:
+                           their_oracle: Optional[torch.Tensor] = None) -> None:
     """`ours` is no further from the float64 oracle than PyTorch's `theirs` is from its own
     (`their_oracle`, the same one where not given) allows."""
     assert ours.shape == oracle.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(oracle.shape)}"
